@@ -1,0 +1,1 @@
+"""Built-in decoders: one module per plugin."""

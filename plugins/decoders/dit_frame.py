@@ -1,0 +1,91 @@
+"""`dit-frame`: the SCD frame decoder.
+
+A small DiT over the tokens of one frame only (no cross-frame attention), conditioned by
+adaLN on the denoising time and by the encoder output of the previous frame, combined as:
+
+- ``token_concat`` (default, best in the paper): conditioning tokens are projected to the
+  decoder width and prepended to the sequence; attention is full over both.
+- ``concat``: per-token channel concatenation, fused by a Linear initialised to [I | I].
+- ``add``: the projected conditioning is added to each token.
+
+``concat`` and ``add`` pair tokens one to one, so they need as many conditioning tokens as
+frame tokens; that is checked when the decoder is built.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import PositiveInt
+from torch import Tensor, nn
+
+from scdkit.hookspecs import hookimpl
+from scdkit.interfaces import ComponentConfig, CondSpec, FrameDecoder, FrameSpec
+from scdkit.nn.dit import DiTBlock, FinalLayer, TimestepEmbedding, init_linear_weights
+from scdkit.nn.rope import rope_table
+
+
+class DiTFrameConfig(ComponentConfig):
+    width: PositiveInt = 128
+    layers: PositiveInt = 2
+    heads: PositiveInt = 4
+    mlp_ratio: float = 4.0
+    combine: Literal["token_concat", "concat", "add"] = "token_concat"
+
+
+class DiTFrameDecoder(FrameDecoder):
+    plugin_name = "dit-frame"
+    plugin_version = "0.1.0"
+    config_class = DiTFrameConfig
+
+    def __init__(self, config: DiTFrameConfig, frame: FrameSpec, cond: CondSpec):
+        super().__init__(config, frame, cond)
+        if config.combine != "token_concat" and cond.tokens != frame.tokens:
+            raise ValueError(
+                f"combine={config.combine!r} pairs tokens one to one, but the encoder emits {cond.tokens} "
+                f"tokens per frame and the frame has {frame.tokens}; use combine='token_concat'"
+            )
+        width = config.width
+        self.embed = nn.Linear(frame.patch_dim, width)
+        self.time = TimestepEmbedding(width)
+        self.cond_proj = nn.Linear(cond.dim, width)
+        if config.combine == "concat":
+            self.fuse = nn.Linear(2 * width, width)
+        self.blocks = nn.ModuleList(DiTBlock(width, config.heads, config.mlp_ratio) for _ in range(config.layers))
+        self.final = FinalLayer(width, frame.patch_dim)
+        init_linear_weights(self)
+        if config.combine == "concat":
+            with torch.no_grad():
+                self.fuse.weight.copy_(torch.cat([torch.eye(width), torch.eye(width)], dim=1))
+        # Positions never change: frame tokens sit at frame 1, conditioning tokens (the previous
+        # frame's representation) at frame 0 of the same grid.
+        head_dim = width // config.heads
+        frames = [0, 1] if config.combine == "token_concat" else [1]
+        self.register_buffer("rope", rope_table(torch.tensor(frames), frame.grid, head_dim), persistent=False)
+        self.cond_tokens = cond.tokens if config.combine == "token_concat" else 0
+
+    def combine(self, x: Tensor, cond: Tensor) -> Tensor:
+        cond = self.cond_proj(cond)
+        match self.config.combine:
+            case "token_concat":
+                return torch.cat([cond, x], dim=1)
+            case "concat":
+                return self.fuse(torch.cat([x, cond], dim=-1))
+            case "add":
+                return x + cond
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        c = self.time(t)
+        x = self.combine(self.embed(x_t), cond)
+        rope = self.rope
+        if self.cond_tokens and self.cond_tokens != self.frame.tokens:
+            rope = None  # conditioning tokens without a grid position: rely on content alone
+        for block in self.blocks:
+            x = block(x, c, rope)
+        return self.final(x[:, self.cond_tokens:], c)
+
+
+@hookimpl
+def scdkit_register_decoders(register):
+    register(DiTFrameDecoder)

@@ -1,0 +1,1 @@
+"""Built-in encoders: one module per plugin."""

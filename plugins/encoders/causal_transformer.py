@@ -1,0 +1,100 @@
+"""`causal-transformer`: the reference SCD encoder.
+
+DiT blocks (adaLN-Zero, QK-norm, 3-axis RoPE) under a block-causal mask: full attention
+within a frame, backward across frames. The adaLN conditioning is a learned constant
+(the paper's encoder runs at a fixed "clean" timestep), and the output is the final adaLN
+LayerNorm without a projection, so the conditioning width equals the model width.
+
+Two paths that must agree: ``forward`` over a whole clip (training) and ``step`` with a
+preallocated KV cache (streaming generation).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from pydantic import PositiveInt
+from torch import Tensor, nn
+
+from scdkit.hookspecs import hookimpl
+from scdkit.interfaces import CausalEncoder, ComponentConfig, CondSpec, EncoderState, FrameSpec
+from scdkit.nn.attention import block_causal_mask
+from scdkit.nn.cache import KVCache
+from scdkit.nn.dit import DiTBlock, FinalLayer, init_linear_weights
+from scdkit.nn.rope import rope_table
+
+
+class CausalTransformerConfig(ComponentConfig):
+    width: PositiveInt = 128
+    layers: PositiveInt = 4
+    heads: PositiveInt = 4
+    mlp_ratio: float = 4.0
+
+
+class CausalTransformerState(EncoderState):
+    def __init__(self, caches: list[KVCache]):
+        self.caches = caches
+        self.frames = 0
+
+
+class CausalTransformerEncoder(CausalEncoder):
+    plugin_name = "causal-transformer"
+    plugin_version = "0.1.0"
+    config_class = CausalTransformerConfig
+    weight_family = "causal-transformer"
+
+    def __init__(self, config: CausalTransformerConfig, frame: FrameSpec):
+        super().__init__(config, frame)
+        self.embed = nn.Linear(frame.patch_dim, config.width)
+        self.clean = nn.Parameter(torch.zeros(config.width))  # stands in for the "clean" timestep embedding
+        self.blocks = nn.ModuleList(DiTBlock(config.width, config.heads, config.mlp_ratio) for _ in range(config.layers))
+        self.final = FinalLayer(config.width)
+        init_linear_weights(self)
+        nn.init.normal_(self.clean, std=0.02)
+
+    @property
+    def contract(self) -> CondSpec:
+        return CondSpec(dim=self.config.width, tokens=self.frame.tokens)
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.width // self.config.heads
+
+    def rope(self, first_frame: int, frames: int) -> Tensor:
+        positions = torch.arange(first_frame, first_frame + frames)
+        return rope_table(positions, self.frame.grid, self.head_dim).to(self.clean.device)
+
+    def run_blocks(self, patches: Tensor, first_frame: int, mask: Tensor | None, caches=None) -> Tensor:
+        frames, tokens = patches.shape[1], patches.shape[2]
+        x = rearrange(self.embed(patches), "b f n d -> b (f n) d")
+        cond = self.clean.expand(x.shape[0], -1)
+        rope = self.rope(first_frame, frames)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, rope, mask, cache=None if caches is None else caches[i])
+        return rearrange(self.final(x, cond), "b (f n) d -> b f n d", n=tokens)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        frames, tokens = patches.shape[1], patches.shape[2]
+        mask = block_causal_mask(frames, frames, tokens, device=patches.device)
+        return self.run_blocks(patches, 0, mask)
+
+    def new_state(self, batch: int, max_frames: int) -> CausalTransformerState:
+        p = self.clean
+        capacity = max_frames * self.frame.tokens
+        caches = [KVCache(batch, self.config.heads, capacity, self.head_dim, p.dtype, p.device) for _ in self.blocks]
+        return CausalTransformerState(caches)
+
+    def step(self, state: CausalTransformerState, patches: Tensor) -> tuple[Tensor, CausalTransformerState]:
+        frames, tokens = patches.shape[1], patches.shape[2]
+        mask = None
+        if frames > 1:  # a single new frame sees everything cached plus itself: no mask needed
+            mask = block_causal_mask(frames, state.frames + frames, tokens, q_offset=state.frames,
+                                     device=patches.device)
+        out = self.run_blocks(patches, state.frames, mask, state.caches)
+        state.frames += frames
+        return out, state
+
+
+@hookimpl
+def scdkit_register_encoders(register):
+    register(CausalTransformerEncoder)

@@ -1,0 +1,1 @@
+"""Built-in monolithic video models (the causal-DiT baseline): one module per plugin."""

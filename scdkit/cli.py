@@ -1,0 +1,184 @@
+"""The `scdkit` command. Commands are thin: parse, call an importable function, print.
+
+Every scdkit error becomes one line on stderr and a non-zero exit (2 for bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from scdkit.errors import ScdkitError, UsageError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+def cmd_plugins(args) -> int:
+    from scdkit.pluginmanager import default_catalog
+
+    catalog = default_catalog()
+    kinds = ("encoders", "decoders", "schedulers", "models", "attention_backends")
+    listing = {kind: [{"name": r.name, "provider": r.provider, "version": r.version}
+                      for r in sorted(catalog.components[kind].values(), key=lambda r: r.name)] for kind in kinds}
+    listing["broken"] = [{"provider": b.provider, "version": b.version, "error": b.error} for b in catalog.broken]
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    table = Table("kind", "name", "provider", "version", title="scdkit plugins")
+    for kind in kinds:
+        for row in listing[kind]:
+            table.add_row(kind.rstrip("s"), row["name"], row["provider"], row["version"])
+    console.print(table)
+    for b in catalog.broken:
+        console.print(f"[red]broken[/red] {b.provider} {b.version}: {b.error}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from scdkit.errors import RegistryError
+    from scdkit.registry import load_registry
+
+    try:
+        registry = load_registry(args.registry)
+    except RegistryError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{len(v)} {k}" for k, v in registry.components.items() if v)
+    print(f"{args.registry}: valid ({counts}, {len(registry.pipelines)} pipelines)")
+    return 0
+
+
+def _pipeline(args, load: bool = True):
+    from scdkit.registry import load_registry
+
+    registry = load_registry(args.registry)
+    name = args.pipeline or registry.default_pipeline
+    pipeline = registry.build(name, load=load)
+    if getattr(args, "attention", None):
+        from scdkit.backends import use_attention_backend
+
+        console.print(use_attention_backend(pipeline, args.attention))
+    return registry, name, pipeline
+
+
+def cmd_train(args) -> int:
+    from scdkit.pipeline import Recipe
+    from scdkit.train import TrainConfig, train
+
+    registry, name, pipeline = _pipeline(args, load=False)
+    recipe = Recipe(noise_draws=args.noise_draws, cond_noise=args.cond_noise,
+                    clean_context_ratio=args.clean_context_ratio, context_noise=args.context_noise)
+    config = TrainConfig(steps=args.steps, batch=args.batch, frames=args.frames, lr=args.lr, warmup=args.warmup,
+                         ema=args.ema, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+                         seed=args.seed, recipe=recipe)
+    out = Path(args.out) if args.out else registry.checkpoint_dir(name)
+    if out is None:
+        raise UsageError(f"pipeline {name!r} has no checkpoint directory; pass --out")
+    console.print(f"training [bold]{name}[/bold] ({sum(p.numel() for p in pipeline.parameters()):,} parameters) into {out}")
+    train(pipeline, config, out, registry.pipelines[name].data, resume=not args.fresh, console=console)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from scdkit.generate import run_generate
+
+    registry, name, pipeline = _pipeline(args)
+    run_generate(pipeline, registry.pipelines[name].data, context=args.context, frames=args.frames, clips=args.clips,
+                 steps=args.steps, seed=args.seed, gif=Path(args.gif), as_json=args.json, console=console)
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="scdkit", description="Separable Causal Diffusion video models.")
+    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("plugins", help="list registered components and broken plugins")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("validate", help="check a registry file")
+    p.add_argument("registry", nargs="?", default="registry.toml")
+    p.set_defaults(func=cmd_validate)
+
+    def pipeline_args(p):
+        p.add_argument("--registry", default="registry.toml")
+        p.add_argument("--pipeline", default=None, help="pipeline name (default: the registry's default)")
+        p.add_argument("--attention", default=None, help="attention backend (sdpa, eager, chunked, flash, auto)")
+
+    p = sub.add_parser("train", help="train a pipeline")
+    pipeline_args(p)
+    p.add_argument("--steps", type=_positive, default=1500)
+    p.add_argument("--batch", type=_positive, default=16)
+    p.add_argument("--frames", type=_positive, default=7)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--noise-draws", type=_positive, default=2)
+    p.add_argument("--cond-noise", type=float, default=0.05)
+    p.add_argument("--clean-context-ratio", type=float, default=0.1)
+    p.add_argument("--context-noise", type=float, default=0.05)
+    p.add_argument("--checkpoint-every", type=_positive, default=100)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="checkpoint directory (default: the pipeline's)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing training state instead of resuming")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="continue held-out clips, write a GIF, compare with repeat-last")
+    pipeline_args(p)
+    p.add_argument("--context", type=_positive, default=4)
+    p.add_argument("--frames", type=_positive, default=8)
+    p.add_argument("--clips", type=_positive, default=16)
+    p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the scheduler's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gif", default="out/generate.gif")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        import torch
+
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        return args.func(args)
+    except ScdkitError as exc:
+        err_console.print(f"scdkit: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("scdkit: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Errors a user can act on. The CLI prints each as one line and exits non-zero."""
+
+
+class ScdkitError(Exception):
+    """Base class: the message alone must tell the user what is wrong and where."""
+
+    exit_code = 1
+
+
+class UsageError(ScdkitError):
+    """Bad command-line arguments or configuration values."""
+
+    exit_code = 2
+
+
+class RegistryError(ScdkitError):
+    """One or more problems in a registry file; ``problems`` holds one line each."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class PluginError(ScdkitError):
+    """A plugin is missing, broken, or registered twice."""
+
+    exit_code = 2
+
+
+class CheckpointError(ScdkitError):
+    """A checkpoint is missing, corrupt, or does not match its registry entry."""
+
+    exit_code = 2
+
+
+class BackendUnavailable(ScdkitError):
+    """An attention backend was requested explicitly but cannot run here."""
+
+    exit_code = 2

@@ -1,0 +1,1 @@
+"""Shared building blocks that plugins compose: attention dispatch, RoPE, KV caches, DiT blocks."""

@@ -1,0 +1,235 @@
+"""registry.toml: named, configured components assembled into pipelines.
+
+    [scdkit]                      # optional settings
+    allow_import_paths = false    # "module:Class" as a plugin name executes code: opt in explicitly
+    plugin_dirs = []              # extra folders of plugin modules (relative to this file)
+    default_pipeline = "scd-digits"
+
+    [encoders.NAME]  plugin = "<registered name>", then the plugin's config keys
+    [decoders.NAME]  ...          [schedulers.NAME] ...      [models.NAME] ...
+    [pipelines.NAME] encoder/decoder (or model), scheduler, frame geometry, checkpoint, data
+
+Validation collects every problem, each as one line naming the file, the TOML path and what
+was expected, with close-match suggestions.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from scdkit.checkpoint import load_component
+from scdkit.errors import RegistryError
+from scdkit.interfaces import FrameSpec
+from scdkit.pipeline import Pipeline
+from scdkit.pluginmanager import Catalog, load_catalog
+
+COMPONENT_KINDS = ("encoders", "decoders", "schedulers", "models")
+TOP_LEVEL = ("scdkit", *COMPONENT_KINDS, "pipelines")
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    allow_import_paths: bool = False
+    plugin_dirs: list[str] = []
+    default_pipeline: str | None = None
+    #: other encoders that can load each other's weights, by registry name
+    same_weights: list[list[str]] = []
+
+
+class PipelineEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    encoder: str | None = None
+    decoder: str | None = None
+    model: str | None = None
+    scheduler: str
+    channels: int = 1
+    height: int = 32
+    width: int = 32
+    patch_size: int = 4
+    data: str = "moving-digits"
+    checkpoint: str | None = None
+
+    @property
+    def frame(self) -> FrameSpec:
+        return FrameSpec(channels=self.channels, height=self.height, width=self.width, patch_size=self.patch_size)
+
+
+@dataclass
+class ComponentEntry:
+    kind: str
+    name: str
+    plugin: str
+    cls: Any
+    config: Any
+
+
+@dataclass
+class Registry:
+    path: Path
+    settings: Settings
+    catalog: Catalog
+    components: dict[str, dict[str, ComponentEntry]] = field(default_factory=dict)
+    pipelines: dict[str, PipelineEntry] = field(default_factory=dict)
+
+    @property
+    def default_pipeline(self) -> str:
+        return self.settings.default_pipeline or next(iter(self.pipelines))
+
+    def checkpoint_dir(self, pipeline: str) -> Path | None:
+        entry = self.pipelines[pipeline]
+        return None if entry.checkpoint is None else (self.path.parent / entry.checkpoint)
+
+    def build_component(self, kind: str, name: str, frame: FrameSpec, **extra):
+        entry = self.components[kind][name]
+        if kind == "schedulers":
+            return entry.cls(entry.config)
+        return entry.cls(entry.config, frame, **extra)
+
+    def build(self, pipeline: str, load: bool = True, encoder: str | None = None) -> Pipeline:
+        """Build a pipeline (optionally with another registry encoder), loading its checkpoint."""
+        if pipeline not in self.pipelines:
+            raise RegistryError([f"{self.path}: unknown pipeline {pipeline!r}{_suggest(pipeline, self.pipelines)}"])
+        entry = self.pipelines[pipeline]
+        frame = entry.frame
+        scheduler = self.build_component("schedulers", entry.scheduler, frame)
+        if entry.model is not None:
+            result = Pipeline(pipeline, scheduler, frame, model=self.build_component("models", entry.model, frame))
+        else:
+            enc = self.build_component("encoders", encoder or entry.encoder, frame)
+            dec = self.build_component("decoders", entry.decoder, frame, cond=enc.contract)
+            result = Pipeline(pipeline, scheduler, frame, encoder=enc, decoder=dec)
+        directory = self.checkpoint_dir(pipeline)
+        if load and directory is not None:
+            for role, module in result.modules.items():
+                load_component(module, directory / f"{role}.safetensors", role)
+        return result
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _pydantic_problems(where: str, exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        key = _format_loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            hint = _suggest(str(err["loc"][0]), model.model_fields) or f"; expected one of: {', '.join(model.model_fields)}"
+            problems.append(f"{where}.{key}: unknown key{hint}")
+        elif key:
+            problems.append(f"{where}.{key}: {err['msg']} (got {err.get('input')!r})")
+        else:
+            problems.append(f"{where}: {err['msg']}")
+    return problems
+
+
+def _resolve_plugin(kind: str, plugin: str, settings: Settings, catalog: Catalog) -> Any:
+    if ":" in plugin:
+        if not settings.allow_import_paths:
+            raise LookupError(f"import path {plugin!r} is not allowed; set allow_import_paths = true in [scdkit] "
+                              "to opt in (it executes that code)")
+        module_name, _, attr = plugin.partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+    if plugin in catalog.components[kind]:
+        return catalog.get(kind, plugin)
+    try:
+        catalog.get(kind, plugin)
+    except Exception as exc:
+        raise LookupError(str(exc)) from None
+
+
+def load_registry(path: str | Path, catalog: Catalog | None = None) -> Registry:
+    """Parse and validate a registry file; raise RegistryError listing every problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError([f"{path}: registry file not found"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RegistryError([f"{path}: not valid TOML: {exc}"]) from None
+    problems: list[str] = []
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(f"{path}: [{key}]: unknown table{_suggest(key, TOP_LEVEL)} (expected one of: {', '.join(TOP_LEVEL)})")
+
+    try:
+        settings = Settings(**raw.get("scdkit", {}))
+    except ValidationError as exc:
+        problems += _pydantic_problems(f"{path}: [scdkit]", exc, Settings)
+        settings = Settings()
+    if catalog is None:
+        catalog = load_catalog([path.parent / d for d in settings.plugin_dirs])
+    registry = Registry(path, settings, catalog, {kind: {} for kind in COMPONENT_KINDS})
+
+    for kind in COMPONENT_KINDS:
+        for name, table in raw.get(kind, {}).items():
+            where = f"{path}: [{kind}.{name}]"
+            if not isinstance(table, dict):
+                problems.append(f"{where}: expected a table, got {type(table).__name__}")
+                continue
+            options = dict(table)
+            plugin = options.pop("plugin", None)
+            if not isinstance(plugin, str):
+                problems.append(f"{where}.plugin: missing (expected a registered {kind[:-1]} name)")
+                continue
+            try:
+                cls = _resolve_plugin(kind, plugin, settings, catalog)
+            except Exception as exc:
+                problems.append(f"{where}.plugin: {exc}")
+                continue
+            try:
+                config = cls.config_class(**options)
+            except ValidationError as exc:
+                problems += _pydantic_problems(where, exc, cls.config_class)
+                continue
+            registry.components[kind][name] = ComponentEntry(kind, name, plugin, cls, config)
+
+    for name, table in raw.get("pipelines", {}).items():
+        where = f"{path}: [pipelines.{name}]"
+        try:
+            entry = PipelineEntry(**table)
+            entry.frame  # geometry checks
+        except (ValidationError, ValueError, TypeError) as exc:
+            if isinstance(exc, ValidationError):
+                problems += _pydantic_problems(where, exc, PipelineEntry)
+            else:
+                problems.append(f"{where}: {exc}")
+            continue
+        if (entry.model is None) == (entry.encoder is None or entry.decoder is None):
+            problems.append(f"{where}: give either encoder and decoder (SCD) or model (monolithic), not both or neither")
+            continue
+        refs = [("scheduler", "schedulers"), ("encoder", "encoders"), ("decoder", "decoders"), ("model", "models")]
+        for key, kind in refs:
+            ref = getattr(entry, key)
+            if ref is not None and ref not in registry.components[kind]:
+                declared = raw.get(kind, {})
+                if ref in declared:
+                    problems.append(f"{where}.{key}: {kind[:-1]} {ref!r} is declared but invalid (see above)")
+                else:
+                    problems.append(f"{where}.{key}: no [{kind}.{ref}] in this registry{_suggest(ref, declared)}")
+        registry.pipelines[name] = entry
+
+    if not registry.pipelines and not problems:
+        problems.append(f"{path}: no [pipelines.*] table: declare at least one pipeline")
+    default = settings.default_pipeline
+    if default is not None and default not in raw.get("pipelines", {}):
+        problems.append(f"{path}: [scdkit].default_pipeline: no pipeline {default!r}{_suggest(default, raw.get('pipelines', {}))}")
+    for group in settings.same_weights:
+        for name in group:
+            if name not in raw.get("encoders", {}):
+                problems.append(f"{path}: [scdkit].same_weights: no encoder {name!r}{_suggest(name, raw.get('encoders', {}))}")
+    if problems:
+        raise RegistryError(problems)
+    return registry

@@ -79,6 +79,11 @@ class Component:
     config_class: ClassVar[type[ComponentConfig]]
     config: ComponentConfig
 
+    @classmethod
+    def example_config(cls) -> ComponentConfig:
+        """A small valid config, used by the conformance kit and docs. Override to make it tiny."""
+        return cls.config_class()
+
 
 class CausalEncoder(nn.Module, Component, ABC):
     """Runs once per frame over the clean past and emits one conditioning per frame.

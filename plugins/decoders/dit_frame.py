@@ -39,6 +39,10 @@ class DiTFrameDecoder(FrameDecoder):
     plugin_version = "0.1.0"
     config_class = DiTFrameConfig
 
+    @classmethod
+    def example_config(cls) -> DiTFrameConfig:
+        return DiTFrameConfig(width=32, layers=2, heads=2)
+
     def __init__(self, config: DiTFrameConfig, frame: FrameSpec, cond: CondSpec):
         super().__init__(config, frame, cond)
         if config.combine != "token_concat" and cond.tokens != frame.tokens:

@@ -41,6 +41,10 @@ class CausalTransformerEncoder(CausalEncoder):
     plugin_name = "causal-transformer"
     plugin_version = "0.1.0"
     config_class = CausalTransformerConfig
+
+    @classmethod
+    def example_config(cls) -> CausalTransformerConfig:
+        return CausalTransformerConfig(width=32, layers=2, heads=2)
     weight_family = "causal-transformer"
 
     def __init__(self, config: CausalTransformerConfig, frame: FrameSpec):

@@ -39,6 +39,31 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None)
     return scores.softmax(dim=-1) @ v
 
 
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+                      chunk_size: int = 256) -> Tensor:
+    """Memory-bounded attention: keys in blocks of ``chunk_size`` with an online softmax.
+
+    Peak extra memory is [b h nq chunk] instead of [b h nq nk], whatever the key length.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = torch.zeros_like(q)
+    running_max = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+    normaliser = torch.zeros(q.shape[:-1], dtype=q.dtype, device=q.device)
+    for start in range(0, k.shape[-2], chunk_size):
+        stop = start + chunk_size
+        scores = (q @ k[..., start:stop, :].transpose(-2, -1)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, start:stop], float("-inf"))
+        new_max = torch.maximum(running_max, scores.amax(dim=-1))
+        safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)  # rows fully masked so far
+        weights = torch.exp(scores - safe_max[..., None])
+        correction = torch.exp(running_max - safe_max)
+        normaliser = normaliser * correction + weights.sum(dim=-1)
+        out = out * correction[..., None] + weights @ v[..., start:stop, :]
+        running_max = new_max
+    return out / normaliser[..., None]
+
+
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
     """Softmax attention probabilities [b h nq nk]; used by probes, not by models."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
@@ -73,6 +98,7 @@ class AttentionBackend:
 BUILTIN_BACKENDS = (
     AttentionBackend("sdpa", sdpa_attention),
     AttentionBackend("eager", eager_attention),
+    AttentionBackend("chunked", chunked_attention),
 )
 
 

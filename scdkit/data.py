@@ -34,10 +34,8 @@ def _digit_sprites(size: int) -> np.ndarray:
 
 def _bounce(pos: float, vel: float, lo: float, hi: float) -> tuple[float, float]:
     pos += vel
-    if pos < lo:
-        pos, vel = 2 * lo - pos, -vel
-    if pos > hi:
-        pos, vel = 2 * hi - pos, -vel
+    while not lo <= pos <= hi:  # a loop, since a fast object in a small frame can bounce twice
+        pos, vel = (2 * lo - pos, -vel) if pos < lo else (2 * hi - pos, -vel)
     return pos, vel
 
 
@@ -56,7 +54,7 @@ def _trajectory(rng: np.random.Generator, frames: int, span: float, speed: tuple
 
 def moving_digits(clips: int, frames: int, size: int = 32, digits: tuple[int, int] = (1, 2),
                   split: str = "train", seed: int = 0) -> Tensor:
-    sprite_size = max(8, size * 7 // 16)
+    sprite_size = max(3, size * 7 // 16)
     sprites = _digit_sprites(sprite_size)
     rng = np.random.default_rng([SPLIT_SEED[split], seed])
     half = len(sprites) // 2  # train and test draw from disjoint halves of the digit images

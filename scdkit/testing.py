@@ -1,0 +1,205 @@
+"""Conformance kit: the contract every encoder, decoder, scheduler and model plugin must keep.
+
+A plugin author runs it from a test::
+
+    from scdkit.testing import check_encoder
+    def test_my_encoder():
+        check_encoder(MyEncoder)            # uses MyEncoder.example_config()
+
+Each ``check_*`` runs every check for its kind and raises AssertionError naming the failing
+contract. The individual checks are public too. scdkit's own tests run the kit over every
+registered built-in.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pydantic
+import torch
+from torch import Tensor
+
+from scdkit.checkpoint import load_component, save_component
+from scdkit.interfaces import CausalEncoder, CondSpec, FrameDecoder, FrameSpec, NoiseScheduler, VideoModel
+
+TINY_FRAME = FrameSpec(channels=1, height=8, width=8, patch_size=2)  # 16 tokens of 4 values
+ATOL = 1e-5
+
+
+def _patches(frame: FrameSpec, batch: int, frames: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, frames, frame.tokens, frame.patch_dim, generator=g)
+
+
+def _close(a: Tensor, b: Tensor, what: str, atol: float = ATOL) -> None:
+    err = (a - b).abs().max().item()
+    assert err <= atol, f"{what}: max difference {err:.3g} > {atol:g}"
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give zero-initialised (adaLN-Zero) weights random values, so every path is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def check_rejects_unknown_keys(cls) -> None:
+    fields = cls.example_config().model_dump()
+    try:
+        cls.config_class(**fields, not_a_real_option=1)
+    except pydantic.ValidationError:
+        return
+    raise AssertionError(f"{cls.__name__}.config_class accepts unknown keys (set extra='forbid')")
+
+
+def check_round_trip(module: torch.nn.Module, role: str, make_twin) -> None:
+    """Save to safetensors, load into a freshly built twin, and compare every tensor."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{role}.safetensors"
+        save_component(module, path, role, step=7)
+        twin = make_twin()
+        metadata = load_component(twin, path, role)
+    assert metadata["step"] == "7" and metadata["plugin"] == module.plugin_name, "metadata lost in round trip"
+    for (name, a), (_, b) in zip(module.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), f"round trip changed {name}"
+
+
+# -- encoders ----------------------------------------------------------------------------------
+
+def check_encoder_contract(encoder: CausalEncoder, frame: FrameSpec) -> None:
+    spec = encoder.contract
+    assert isinstance(spec, CondSpec), "contract must be a CondSpec"
+    out = encoder(_patches(frame, 2, 3, seed=1))
+    assert out.shape == (2, 3, spec.tokens, spec.dim), f"forward gave {tuple(out.shape)}, contract says {spec}"
+
+
+@torch.no_grad()
+def check_encoder_cached_matches_full(encoder: CausalEncoder, frame: FrameSpec, frames: int = 6) -> None:
+    """Streaming in uneven chunks (a prefill, single frames, a pair) equals the whole-clip pass."""
+    video = _patches(frame, 2, frames, seed=2)
+    full = encoder(video)
+    state = encoder.new_state(2, frames)
+    chunks, start = [], 0
+    for size in (2, 1, 1, 2, 1, 1, 1, 1, 1):
+        if start >= frames:
+            break
+        out, state = encoder.step(state, video[:, start:start + size])
+        chunks.append(out)
+        start += size
+    _close(torch.cat(chunks, dim=1), full, f"{type(encoder).__name__}: cached step vs full forward")
+    assert state.frames == frames, f"state.frames is {state.frames} after {frames} frames"
+
+
+@torch.no_grad()
+def check_encoder_causality(encoder: CausalEncoder, frame: FrameSpec, frames: int = 5) -> None:
+    video = _patches(frame, 2, frames, seed=3)
+    base = encoder(video)
+    for k in range(frames):
+        changed = video.clone()
+        changed[:, k] += torch.randn_like(changed[:, k])
+        out = encoder(changed)
+        assert torch.equal(out[:, :k], base[:, :k]), f"changing frame {k} changed outputs of earlier frames"
+        assert not torch.allclose(out[:, k], base[:, k]), f"output of frame {k} ignores frame {k}"
+
+
+def check_encoder(cls, config=None, frame: FrameSpec = TINY_FRAME) -> None:
+    config = config or cls.example_config()
+    check_rejects_unknown_keys(cls)
+    encoder = cls(config, frame).eval()
+    _randomise(encoder)
+    check_encoder_contract(encoder, frame)
+    check_encoder_cached_matches_full(encoder, frame)
+    check_encoder_causality(encoder, frame)
+    check_round_trip(encoder, "encoder", lambda: cls(config, frame))
+
+
+# -- decoders ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def check_decoder_shapes_and_conditioning(decoder: FrameDecoder, frame: FrameSpec) -> None:
+    spec = decoder.contract
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, frame.tokens, frame.patch_dim, generator=g)
+    t = torch.rand(3, generator=g)
+    cond = torch.randn(3, spec.tokens, spec.dim, generator=g)
+    out = decoder(x, t, cond)
+    assert out.shape == x.shape, f"decoder output {tuple(out.shape)} != input {tuple(x.shape)}"
+    assert not torch.allclose(decoder(x, t, cond + 1), out), "decoder ignores its conditioning"
+    assert not torch.allclose(decoder(x, t * 0.5, cond), out), "decoder ignores the time"
+    # batch items are independent: a frame never sees another clip's frame
+    _close(decoder(x[:1], t[:1], cond[:1]), out[:1], "decoder batch independence")
+
+
+def check_decoder(cls, config=None, frame: FrameSpec = TINY_FRAME, cond: CondSpec | None = None) -> None:
+    config = config or cls.example_config()
+    cond = cond or CondSpec(dim=24, tokens=frame.tokens)
+    check_rejects_unknown_keys(cls)
+    decoder = cls(config, frame, cond).eval()
+    _randomise(decoder)
+    assert decoder.contract == cond, "decoder contract must be the conditioning it was built for"
+    check_decoder_shapes_and_conditioning(decoder, frame)
+    check_round_trip(decoder, "decoder", lambda: cls(config, frame, cond))
+
+
+# -- schedulers --------------------------------------------------------------------------------
+
+def check_scheduler(cls, config=None) -> None:
+    check_rejects_unknown_keys(cls)
+    scheduler: NoiseScheduler = cls(config or cls.example_config())
+    g = torch.Generator().manual_seed(5)
+    t = scheduler.sample_timesteps((64,), generator=g)
+    assert t.shape == (64,) and bool(((t >= 0) & (t <= 1)).all()), "training times must lie in [0, 1]"
+    times = scheduler.timesteps(8)
+    assert times.shape == (9,), f"timesteps(8) must give 9 values, got {tuple(times.shape)}"
+    assert bool((times[1:] < times[:-1]).all()), "sampling times must run from noise to clean"
+    x0 = torch.randn(4, 16, 4, generator=g)
+    noise = torch.randn(4, 16, 4, generator=g)
+    _close(scheduler.add_noise(x0, noise, torch.zeros(4)), x0, "add_noise at t=0 must return the clean sample")
+    # an exact prediction of the target must walk the noise back to the clean sample
+    x = scheduler.add_noise(x0, noise, torch.full((4,), float(times[0])))
+    for a, b in zip(times[:-1].tolist(), times[1:].tolist()):
+        x = scheduler.step(scheduler.training_target(x0, noise, torch.full((4,), a)), a, b, x)
+    _close(x, x0, "sampling with the exact target must recover x0", atol=1e-4)
+
+
+# -- monolithic models -------------------------------------------------------------------------
+
+@torch.no_grad()
+def check_model_cached_matches_full(model: VideoModel, frame: FrameSpec, frames: int = 5) -> None:
+    clean, noisy = _patches(frame, 2, frames, seed=6), _patches(frame, 2, frames, seed=7)
+    t = torch.rand(2, frames, generator=torch.Generator().manual_seed(8))
+    full = model(clean, noisy, t)
+    state = model.new_state(2, frames)
+    for f in range(frames):
+        if f:
+            model.observe(state, clean[:, f - 1:f])
+        pred = model.predict(state, noisy[:, f], t[:, f])
+        _close(pred, full[:, f], f"{type(model).__name__}: cached predict vs full forward at frame {f}")
+
+
+@torch.no_grad()
+def check_model_causality(model: VideoModel, frame: FrameSpec, frames: int = 4) -> None:
+    clean, noisy = _patches(frame, 2, frames, seed=9), _patches(frame, 2, frames, seed=10)
+    t = torch.rand(2, frames, generator=torch.Generator().manual_seed(11))
+    base = model(clean, noisy, t)
+    for k in range(frames):
+        changed_clean, changed_noisy = clean.clone(), noisy.clone()
+        changed_clean[:, k] += 1
+        changed_noisy[:, k] += 1
+        # the noisy frame k only shapes its own prediction; the clean frame k only later ones
+        assert torch.equal(model(clean, changed_noisy, t)[:, :k], base[:, :k]), \
+            f"changing noisy frame {k} changed predictions of earlier frames"
+        assert torch.equal(model(changed_clean, noisy, t)[:, :k + 1], base[:, :k + 1]), \
+            f"clean frame {k} leaked into the prediction of frame {k} or earlier"
+
+
+def check_model(cls, config=None, frame: FrameSpec = TINY_FRAME) -> None:
+    config = config or cls.example_config()
+    check_rejects_unknown_keys(cls)
+    model = cls(config, frame).eval()
+    _randomise(model)
+    check_model_cached_matches_full(model, frame)
+    check_model_causality(model, frame)
+    check_round_trip(model, "model", lambda: cls(config, frame))

@@ -1,0 +1,79 @@
+"""CLI behaviour: exit codes, one-line errors, the train -> generate round trip on a tiny registry."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from scdkit.cli import main
+from tests.test_registry import GOOD
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_registry(tmp_path):
+    path = tmp_path / "registry.toml"
+    path.write_text(GOOD + 'checkpoint = "ckpt"\n')
+    return path
+
+
+def test_validate_shipped_registry_exits_0(capsys):
+    assert main(["validate", str(REPO / "registry.toml")]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_validate_bad_registry_exits_2_one_line_per_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(GOOD.replace("layers = 1", "layres = 1").replace('"flow-match-euler"', '"flow-match"'))
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 3 and all(line.startswith(str(bad)) for line in err)
+    assert not any("Traceback" in line for line in err)
+
+
+def test_bad_arguments_exit_2_with_one_line(capsys):
+    assert main(["generate", "--frames", "zero"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--frames" in err
+    assert main(["no-such-command"]) == 2
+
+
+def test_missing_checkpoint_is_a_one_line_error(tiny_registry, capsys):
+    assert main(["generate", "--registry", str(tiny_registry), "--gif", str(tiny_registry.parent / "x.gif")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "encoder.safetensors: checkpoint file not found" in err and len(err.splitlines()) == 1
+    assert not (tiny_registry.parent / "x.gif").exists()
+
+
+def test_train_then_generate_round_trip(tiny_registry, capsys):
+    out = tiny_registry.parent / "ckpt"
+    assert main(["train", "--registry", str(tiny_registry), "--steps", "3", "--batch", "2", "--frames", "3",
+                 "--eval-every", "0", "--checkpoint-every", "2"]) == 0
+    assert {p.name for p in out.iterdir()} >= {"encoder.safetensors", "decoder.safetensors", "train_state.safetensors"}
+    # resume continues where it stopped
+    assert main(["train", "--registry", str(tiny_registry), "--steps", "4", "--batch", "2", "--frames", "3",
+                 "--eval-every", "0"]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    capsys.readouterr()
+
+    gif = tiny_registry.parent / "out.gif"
+    assert main(["generate", "--registry", str(tiny_registry), "--clips", "2", "--context", "2", "--frames", "3",
+                 "--gif", str(gif), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["model"]["psnr"]) == 3 and len(report["repeat_last"]["ssim"]) == 3
+    assert report["timing_batch1"]["per_frame_s"] > 0
+    with Image.open(gif) as image:
+        assert image.n_frames == 5  # 2 context + 3 generated
+
+
+def test_checkpoint_mismatch_is_refused(tiny_registry, capsys):
+    assert main(["train", "--registry", str(tiny_registry), "--steps", "1", "--batch", "1", "--frames", "2",
+                 "--eval-every", "0"]) == 0
+    tiny_registry.write_text(tiny_registry.read_text().replace("width = 32\nlayers = 1", "width = 64\nlayers = 1", 1))
+    capsys.readouterr()
+    assert main(["generate", "--registry", str(tiny_registry), "--gif", str(tiny_registry.parent / "y.gif")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the registry entry" in err and "config.width: checkpoint has 32, registry wants 64" in err

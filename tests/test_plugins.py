@@ -72,3 +72,19 @@ def test_plugins_json_lists_builtins_and_broken(fake_dist, capsys):
     assert all(set(row) == {"name", "provider", "version"} for row in listing["encoders"])
     [broken] = listing["broken"]
     assert broken["provider"] == "badplug:bad" and "ModuleNotFoundError" in broken["error"]
+
+
+def test_every_hook_is_documented_prefixed_and_exercised():
+    """As datasette does: each hookspec is prefixed, documented with its signature and version, and wired."""
+    from scdkit import hookspecs
+
+    hooks = [name for name, fn in vars(hookspecs).items() if callable(fn) and hasattr(fn, "scdkit_spec")]
+    assert hooks, "no hookspecs found"
+    catalog = load_catalog(entry_points=False)
+    for name in hooks:
+        assert name.startswith("scdkit_"), name
+        doc = getattr(hookspecs, name).__doc__ or ""
+        assert "register(" in doc and "Since" in doc, f"{name} is not documented with its signature and version"
+        kind = name.removeprefix("scdkit_register_")
+        assert kind in catalog.components, f"{name} has no catalog kind"
+    assert catalog.names("attention_backends"), "the attention-backend hook registered nothing"

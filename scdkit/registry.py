@@ -4,6 +4,7 @@
     allow_import_paths = false    # "module:Class" as a plugin name executes code: opt in explicitly
     plugin_dirs = []              # extra folders of plugin modules (relative to this file)
     default_pipeline = "scd-digits"
+    attention = "sdpa"            # attention backend; $SCDKIT_ATTENTION and --attention override it
 
     [encoders.NAME]  plugin = "<registered name>", then the plugin's config keys
     [decoders.NAME]  ...          [schedulers.NAME] ...      [models.NAME] ...
@@ -24,8 +25,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from scdkit.backends import DEFAULT as DEFAULT_ATTENTION
+from scdkit.backends import choose_attention_backend, known_backends, use_attention_backend
 from scdkit.checkpoint import load_component
-from scdkit.errors import RegistryError
+from scdkit.errors import CheckpointError, RegistryError
 from scdkit.interfaces import FrameSpec
 from scdkit.pipeline import Pipeline
 from scdkit.pluginmanager import Catalog, load_catalog
@@ -41,6 +44,8 @@ class Settings(BaseModel):
     default_pipeline: str | None = None
     #: other encoders that can load each other's weights, by registry name
     same_weights: list[list[str]] = []
+    #: attention backend (or "auto"); a runtime choice, never stored in a checkpoint
+    attention: str = DEFAULT_ATTENTION
 
 
 class PipelineEntry(BaseModel):
@@ -92,10 +97,16 @@ class Registry:
             return entry.cls(entry.config)
         return entry.cls(entry.config, frame, **extra)
 
-    def build(self, pipeline: str, load: bool = True, encoder: str | None = None) -> Pipeline:
-        """Build a pipeline (optionally with another registry encoder), loading its checkpoint."""
+    def build(self, pipeline: str, load: bool = True, encoder: str | None = None,
+              attention: str | None = None) -> Pipeline:
+        """Build a pipeline (optionally with another registry encoder), loading its checkpoint.
+
+        ``attention`` (the --attention flag) wins over $SCDKIT_ATTENTION, then [scdkit].attention.
+        """
         if pipeline not in self.pipelines:
             raise RegistryError([f"{self.path}: unknown pipeline {pipeline!r}{_suggest(pipeline, self.pipelines)}"])
+        if encoder is not None and encoder not in self.components["encoders"]:
+            raise RegistryError([f"{self.path}: unknown encoder {encoder!r}{_suggest(encoder, self.components['encoders'])}"])
         entry = self.pipelines[pipeline]
         frame = entry.frame
         scheduler = self.build_component("schedulers", entry.scheduler, frame)
@@ -105,11 +116,40 @@ class Registry:
             enc = self.build_component("encoders", encoder or entry.encoder, frame)
             dec = self.build_component("decoders", entry.decoder, frame, cond=enc.contract)
             result = Pipeline(pipeline, scheduler, frame, encoder=enc, decoder=dec)
+        backend, source = choose_attention_backend(attention, self.settings.attention)
+        use_attention_backend(result, backend, self.catalog, source)
         directory = self.checkpoint_dir(pipeline)
         if load and directory is not None:
+            if encoder is not None and entry.model is None:
+                self.check_same_weights(entry.encoder, encoder)
             for role, module in result.modules.items():
                 load_component(module, directory / f"{role}.safetensors", role)
         return result
+
+
+    def check_same_weights(self, trained: str, other: str) -> None:
+        """Refuse to load encoder ``trained``'s checkpoint into encoder ``other`` unless [scdkit].same_weights
+        declares them together; the error lists the fields in which they differ."""
+        if other == trained or any(trained in group and other in group for group in self.settings.same_weights):
+            return
+        a, b = self.components["encoders"][trained], self.components["encoders"][other]
+        differences = ", ".join(_entry_differences(a, b)) or "none"
+        raise CheckpointError(f"{self.path}: encoder {other!r} cannot load the checkpoint trained as {trained!r}: "
+                              f"not declared in [scdkit].same_weights (differing fields: {differences})")
+
+
+def _entry_differences(a: ComponentEntry, b: ComponentEntry, only_shared: bool = False) -> list[str]:
+    """``field (a's value vs b's value)`` for the plugin and every config field that differs. With
+    ``only_shared``: weight family and the config fields both have, i.e. what same weights must agree on."""
+    x, y = a.config.model_dump(), b.config.model_dump()
+    if only_shared:
+        fa, fb = getattr(a.cls, "weight_family", ""), getattr(b.cls, "weight_family", "")
+        found = [] if fa and fa == fb else [f"weight_family ({fa or 'none'!r} vs {fb or 'none'!r})"]
+        keys = x.keys() & y.keys()
+    else:
+        found = [] if a.plugin == b.plugin else [f"plugin ({a.plugin!r} vs {b.plugin!r})"]
+        keys = x.keys() | y.keys()
+    return found + [f"{k} ({x.get(k, 'absent')!r} vs {y.get(k, 'absent')!r})" for k in sorted(keys) if x.get(k) != y.get(k)]
 
 
 def _suggest(name: str, known) -> str:
@@ -230,6 +270,16 @@ def load_registry(path: str | Path, catalog: Catalog | None = None) -> Registry:
         for name in group:
             if name not in raw.get("encoders", {}):
                 problems.append(f"{path}: [scdkit].same_weights: no encoder {name!r}{_suggest(name, raw.get('encoders', {}))}")
+        entries = [registry.components["encoders"][name] for name in group if name in registry.components["encoders"]]
+        for other in entries[1:]:
+            differences = _entry_differences(entries[0], other, only_shared=True)
+            if differences:
+                problems.append(f"{path}: [scdkit].same_weights: {entries[0].name!r} and {other.name!r} cannot share "
+                                f"weights: {', '.join(differences)}")
+    known = known_backends(catalog)
+    if settings.attention not in known:
+        problems.append(f"{path}: [scdkit].attention: unknown attention backend {settings.attention!r}"
+                        f"{_suggest(settings.attention, known) or '; known: ' + ', '.join(known)}")
     if problems:
         raise RegistryError(problems)
     return registry

@@ -2,9 +2,12 @@
 
     attend(q, k, v, mask=None) -> out      q [b h nq e], k/v [b h nk e], mask bool [nq nk] (True = attend)
 
+Axis legend: b batch · h heads · n / nq / nk tokens (queries, keys) · e head width.
+
 Backends are registered through the ``scdkit_register_attention_backends`` hook; the
 built-in ones are below. The backend is a runtime choice (registry, CLI flag, or the
-SCDKIT_ATTENTION environment variable), never stored in a checkpoint.
+SCDKIT_ATTENTION environment variable), never stored in a checkpoint; choosing one by
+name (and ``auto``) lives in ``scdkit.backends``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from scdkit.hookspecs import hookimpl
@@ -83,6 +87,53 @@ def block_causal_mask(q_frames: int, k_frames: int, tokens: int, q_offset: int =
     return k_frame[None, :] <= q_frame[:, None]
 
 
+def import_flash_attn_func() -> tuple[Callable | None, str | None]:
+    """``flash_attn.flash_attn_func`` or why it cannot be had.
+
+    Imported lazily and guarded against any exception: flash-attn is often installed yet
+    unimportable (built against another torch or CUDA, missing shared libraries).
+    """
+    try:
+        from flash_attn import flash_attn_func
+    except ModuleNotFoundError as exc:
+        if exc.name == "flash_attn":
+            return None, "flash-attn is not installed"
+        return None, f"flash-attn is installed but failed to import: {type(exc).__name__}: {exc}"
+    except Exception as exc:
+        return None, f"flash-attn is installed but failed to import: {type(exc).__name__}: {exc}"
+    return flash_attn_func, None
+
+
+def flash_unavailable(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Every reason flash-attn cannot run for this device/dtype, or None."""
+    reasons = []
+    _, import_problem = import_flash_attn_func()
+    if import_problem:
+        reasons.append(import_problem)
+    if torch.device(device).type != "cuda":
+        reasons.append(f"needs a CUDA device (got {torch.device(device).type})")
+    if dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"needs fp16 or bf16 (got {str(dtype).removeprefix('torch.')})")
+    return "; ".join(reasons) or None
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """flash-attn for unmasked attention; any mask falls back to SDPA.
+
+    flash-attn's only mask is its ``causal`` flag, which is causal per *token*; the
+    block-causal mask (full within a frame) is not expressible with it, so a masked call
+    (training, prefill of several frames) runs SDPA, which on CUDA picks its own fused
+    masked kernel. The unmasked calls — one new frame against the KV cache in streaming
+    generation, and every call of the frame decoder — run flash-attn.
+    """
+    if mask is not None:
+        return sdpa_attention(q, k, v, mask)
+    flash_attn_func, problem = import_flash_attn_func()
+    if flash_attn_func is None:
+        raise RuntimeError(f"flash attention backend: {problem}")
+    out = flash_attn_func(*(rearrange(t, "b h n e -> b n h e") for t in (q, k, v)))
+    return rearrange(out, "b n h e -> b h n e")
+
 
 @dataclass(frozen=True)
 class AttentionBackend:
@@ -99,6 +150,7 @@ BUILTIN_BACKENDS = (
     AttentionBackend("sdpa", sdpa_attention),
     AttentionBackend("eager", eager_attention),
     AttentionBackend("chunked", chunked_attention),
+    AttentionBackend("flash", flash_attention, flash_unavailable, install_hint="pip install 'scdkit[flash]'"),
 )
 
 

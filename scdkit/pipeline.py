@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from einops import rearrange
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from scdkit.interfaces import CausalEncoder, EncoderState, FrameDecoder, FrameSpec, NoiseScheduler, VideoModel
+from scdkit.nn.dit import TimeTable
 
 
 def patchify(video: Tensor, frame: FrameSpec) -> Tensor:
@@ -47,23 +49,51 @@ class Recipe(BaseModel):
     context_noise: float = Field(0.05, ge=0, le=1, description="max noise time of the encoder input otherwise")
 
 
+@runtime_checkable
+class StagedDecoder(Protocol):
+    """A frame decoder whose forward splits into parts with different lifetimes (``dit-frame``):
+    ``forward(x_t, t, cond) == denoise(x_t, condition(cond), time_terms(t))``.
+
+    Streaming then computes ``time_terms`` once per sampling time, ``condition`` once per frame,
+    and only ``denoise`` at every step. Decoders without the split are called as a whole.
+    """
+
+    def time_terms(self, t: Tensor) -> Any: ...
+
+    def condition(self, cond: Tensor) -> Tensor: ...
+
+    def denoise(self, x_t: Tensor, cond: Tensor, time_terms: Any) -> Tensor: ...
+
+
 class ScdStream(nn.Module):
     """Adapts encoder + decoder to the streaming protocol that monolithic models implement natively."""
 
     def __init__(self, encoder: CausalEncoder, decoder: FrameDecoder):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
+        self.staged = isinstance(decoder, StagedDecoder)
 
     def new_state(self, batch: int, max_frames: int) -> EncoderState:
         state = self.encoder.new_state(batch, max_frames)
         state.last_cond = None
+        if self.staged:
+            state.cond, state.time_terms = None, self.decoder.time_terms
         return state
+
+    def prepare(self, state: EncoderState, times: Tensor) -> None:
+        """The sampling times of this generation, before its first step."""
+        if self.staged:
+            state.time_terms = TimeTable(self.decoder.time_terms, times)
 
     def observe(self, state: EncoderState, patches: Tensor) -> None:
         cond, _ = self.encoder.step(state, patches)
         state.last_cond = cond[:, -1]
+        if self.staged:
+            state.cond = self.decoder.condition(state.last_cond)
 
     def predict(self, state: EncoderState, x_t: Tensor, t: Tensor) -> Tensor:
+        if self.staged:
+            return self.decoder.denoise(x_t, state.cond, state.time_terms(t))
         return self.decoder(x_t, t, state.last_cond)
 
 
@@ -146,23 +176,28 @@ class Pipeline:
         """
         self.train(False)
         b, k = context.shape[:2]
-        times = self.scheduler.timesteps(steps).tolist()
+        times = self.scheduler.timesteps(steps)
+        schedule = list(zip(times[:-1].tolist(), times[1:].tolist()))
         state = self.stream.new_state(b, k + frames)
         started = time.perf_counter()
+        prepare = getattr(self.stream, "prepare", None)  # optional: precompute what depends on the times alone
+        if prepare is not None:
+            prepare(state, times[:-1])
         self.stream.observe(state, patchify(to_model_range(context), self.frame))
         shape = (b, self.frame.tokens, self.frame.patch_dim)
-        outputs, stamps = [], []
+        t_batch = torch.empty(b)
+        outputs, stamps, observed = [], [], []
         for i in range(frames):
             x = torch.randn(shape, generator=generator)
-            t_batch = torch.empty(b)
-            for t, t_next in zip(times[:-1], times[1:]):
+            for t, t_next in schedule:
                 x = self.scheduler.step(self.stream.predict(state, x, t_batch.fill_(t)), t, t_next, x)
             outputs.append(x)
             stamps.append(time.perf_counter())
             if i + 1 < frames:
                 self.stream.observe(state, x[:, None])
+                observed.append(time.perf_counter())
         video = to_pixel_range(unpatchify(torch.stack(outputs, dim=1), self.frame))
-        return Generation(video, started, stamps)
+        return Generation(video, started, stamps, observed)
 
 
 @dataclass
@@ -170,6 +205,12 @@ class Generation:
     video: Tensor  # [b frames c H W] in [0, 1]
     started: float
     stamps: list[float]  # wall-clock time at which each frame was ready
+    observed: list[float] = field(default_factory=list)  # ... and at which it had entered the context
+
+    @property
+    def denoise_s(self) -> list[float]:
+        """Time of each frame's denoising loop alone, for the frames after the first."""
+        return [ready - entered for entered, ready in zip(self.observed, self.stamps[1:])]
 
     @property
     def first_frame_s(self) -> float:

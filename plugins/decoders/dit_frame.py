@@ -69,8 +69,21 @@ class DiTFrameDecoder(FrameDecoder):
         self.register_buffer("rope", rope_table(torch.tensor(frames), frame.grid, head_dim), persistent=False)
         self.cond_tokens = cond.tokens if config.combine == "token_concat" else 0
 
+    # forward(x_t, t, cond) == denoise(x_t, condition(cond), time_terms(t)). Streaming generation
+    # calls the three parts as often as their inputs change: time_terms once per sampling time
+    # (scdkit.nn.dit.TimeTable), condition once per frame, denoise at every step.
+
+    def time_terms(self, t: Tensor) -> list[tuple[Tensor, ...]]:
+        """adaLN modulations for times t [b]: one tuple per block, then the final layer's."""
+        c = self.time(t)
+        return [block.modulation(c) for block in self.blocks] + [self.final.modulation(c)]
+
+    def condition(self, cond: Tensor) -> Tensor:
+        """Encoder output [b n_c d_c] projected to the decoder width."""
+        return self.cond_proj(cond)
+
     def combine(self, x: Tensor, cond: Tensor) -> Tensor:
-        cond = self.cond_proj(cond)
+        """Embedded frame tokens [b n d] with the projected conditioning (from :meth:`condition`)."""
         match self.config.combine:
             case "token_concat":
                 return torch.cat([cond, x], dim=1)
@@ -79,15 +92,18 @@ class DiTFrameDecoder(FrameDecoder):
             case "add":
                 return x + cond
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        c = self.time(t)
+    def denoise(self, x_t: Tensor, cond: Tensor, time_terms: list[tuple[Tensor, ...]]) -> Tensor:
+        """The prediction from the projected conditioning and the time terms."""
         x = self.combine(self.embed(x_t), cond)
         rope = self.rope
         if self.cond_tokens and self.cond_tokens != self.frame.tokens:
             rope = None  # conditioning tokens without a grid position: rely on content alone
-        for block in self.blocks:
-            x = block(x, c, rope)
-        return self.final(x[:, self.cond_tokens:], c)
+        for block, modulation in zip(self.blocks, time_terms):
+            x = block(x, None, rope, modulation=modulation)
+        return self.final(x[:, self.cond_tokens:], None, modulation=time_terms[-1])
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.denoise(x_t, self.condition(cond), self.time_terms(t))
 
 
 @hookimpl

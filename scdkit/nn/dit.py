@@ -7,8 +7,11 @@ Axis legend: b batch · L sequence · d width · h heads · e head width.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -18,7 +21,30 @@ from scdkit.nn.rope import apply_rope
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+    """x·(1 + scale) + shift, as one fused kernel over x."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+_GELU_2C = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU, tanh approximation: ½x(1 + tanh u) = x·σ(2u), u = √(2/π)(x + 0.044715x³).
+
+    Same function as ``F.gelu(x, approximate="tanh")`` to float rounding. Without autograd it
+    runs as the sigmoid form, in place on one fresh buffer: torch's CPU tanh kernel is several
+    times slower than its sigmoid, and this GELU sits in every block at every denoising step.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return F.gelu(x, approximate="tanh")
+    u = x.square()
+    u.mul_(_GELU_2C * 0.044715).add_(_GELU_2C).mul_(x)  # 2u
+    return u.sigmoid_().mul_(x)
+
+
+def rms_norm(x: Tensor, eps: float) -> Tensor:
+    """x / rms(x) over the last axis (``nn.RMSNorm`` without its weight)."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
 class TimestepEmbedding(nn.Module):
@@ -68,21 +94,28 @@ class DiTBlock(nn.Module):
         return mod.chunk(6, dim=-1)
 
     def qkv_heads(self, x: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = rearrange(self.qkv(x), "b L (three h e) -> three b h L e", three=3, h=self.heads)
-        q, k = self.q_norm(q), self.k_norm(k)
+        """Queries, keys (RMS-normalised, rotated) and values [b h L e] of the modulated input x."""
+        qkv = rearrange(self.qkv(x), "b L (three h e) -> three b h L e", three=3, h=self.heads)
+        # q and k go through the norm and RoPE stacked, each with its own RMSNorm weight: one
+        # pass instead of two, which counts when the sequence is one frame of a few dozen tokens
+        weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None, None, None]
+        qk = rms_norm(qkv[:2], self.q_norm.eps) * weight
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return q, k, v
+            qk = apply_rope(qk, rope)
+        return qk[0], qk[1], qkv[2]
 
-    def forward(self, x: Tensor, cond: Tensor, rope: Tensor | None = None, mask: Tensor | None = None,
+    def forward(self, x: Tensor, cond: Tensor | None, rope: Tensor | None = None, mask: Tensor | None = None,
                 cache: KVCache | None = None, modulation: tuple[Tensor, ...] | None = None) -> Tensor:
+        """``modulation`` (from :meth:`modulation`) replaces ``cond`` when the caller precomputed it."""
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation if modulation is not None else self.modulation(cond)
         q, k, v = self.qkv_heads(modulate(self.norm1(x), shift1, scale1), rope)
         if cache is not None:
             k, v = cache.update(k, v)
         out = rearrange(self.attend(q, k, v, mask), "b h L e -> b L (h e)")
-        x = x + gate1 * self.proj(out)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = torch.addcmul(x, gate1, self.proj(out))
+        # self.mlp is Linear-GELU-Linear (its indices are checkpoint keys); the GELU runs as gelu_tanh
+        hidden = gelu_tanh(self.mlp[0](modulate(self.norm2(x), shift2, scale2)))
+        return torch.addcmul(x, gate2, self.mlp[2](hidden))
 
 
 class FinalLayer(nn.Module):
@@ -99,13 +132,44 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+    def modulation(self, cond: Tensor) -> tuple[Tensor, Tensor]:
         mod = self.ada(nn.functional.silu(cond))
         if mod.dim() == 2:
             mod = mod[:, None]
-        shift, scale = mod.chunk(2, dim=-1)
+        return mod.chunk(2, dim=-1)
+
+    def forward(self, x: Tensor, cond: Tensor | None, modulation: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        shift, scale = modulation if modulation is not None else self.modulation(cond)
         x = modulate(self.norm(x), shift, scale)
         return self.out(x) if self.out is not None else x
+
+
+class TimeTable:
+    """Terms that depend on the denoising time alone, computed for a whole sampling schedule at once.
+
+    ``terms(t)`` maps times [b] to tensors with a leading b axis, possibly nested in tuples and
+    lists (e.g. the adaLN modulations of every block). The table evaluates it once on all the
+    schedule's times (one batched matmul per layer instead of one per step) and answers a call
+    whose times are all one scheduled value with that row, broadcastable over the batch; any other
+    call is computed as usual. Streaming generation builds one per generation.
+    """
+
+    def __init__(self, terms: Callable[[Tensor], Any], times: Tensor):
+        self.terms = terms
+        batched = terms(times)
+        self.by_time = {t: _row(batched, i) for i, t in enumerate(times.tolist())}
+
+    def __call__(self, t: Tensor) -> Any:
+        values = set(t.tolist())
+        if len(values) == 1 and (row := self.by_time.get(values.pop())) is not None:
+            return row
+        return self.terms(t)
+
+
+def _row(tree: Any, i: int) -> Any:
+    if isinstance(tree, Tensor):
+        return tree[i:i + 1]
+    return type(tree)(_row(item, i) for item in tree)
 
 
 def init_linear_weights(module: nn.Module) -> None:

@@ -98,6 +98,50 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from scdkit.probe import load_probe_pipeline, plot_probe, run_probe, write_json
+    from scdkit.registry import load_registry
+
+    registry = load_registry(args.registry)
+    pipeline, step = load_probe_pipeline(registry, args.pipeline, args.checkpoint)
+    result = run_probe(pipeline, registry.pipelines[args.pipeline].data, context=args.context, steps=args.steps,
+                       clips=args.clips, seed=args.seed)
+    out = Path(args.out)
+    figures = plot_probe(result, out, title=f"{args.pipeline} (step {step})")
+    payload = {"pipeline": args.pipeline, "checkpoint_step": step, **result.to_json(), "figures": figures}
+    write_json(payload, out / "probe.json")
+    if args.json:
+        print(json.dumps(payload))
+        return 0
+    table = Table("layer", "mean similarity across steps", "attention share on past frames",
+                  title=f"probe: {args.pipeline} at step {step}, {result.steps} steps, {result.context} context frames")
+    summary = result.summary()
+    for i, (sim, share) in enumerate(zip(summary["mean_similarity"], summary["past_attention_share"]), 1):
+        table.add_row(str(i), f"{sim:.3f}", f"{share:.3f}")
+    console.print(table)
+    console.print(f"wrote {figures['similarity_png']}, {figures['curves_png']}, {out / 'probe.json'}")
+    return 0
+
+
+def cmd_swap_eval(args) -> int:
+    from scdkit.registry import load_registry
+    from scdkit.swap_eval import markdown, parse_checkpoints, rich_table, swap_eval
+
+    registry = load_registry(args.registry)
+    encoders = [name.strip() for name in args.encoders.split(",") if name.strip()]
+    report = swap_eval(registry, args.pipeline or registry.default_pipeline, encoders,
+                       parse_checkpoints(args.checkpoint, encoders), clips=args.clips, context=args.context,
+                       frames=args.frames, steps=args.steps, seed=args.seed, attention=args.attention,
+                       progress=lambda row: err_console.print(f"evaluated {row.encoder}"))
+    if args.json:
+        print(json.dumps(report.to_json()))
+    elif args.markdown:
+        print(markdown(report))
+    else:
+        console.print(rich_table(report))
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 def _positive(text: str) -> int:
@@ -162,6 +206,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gif", default="out/generate.gif")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("probe", help="per-layer feature similarity across denoising steps and attention on past frames")
+    p.add_argument("--registry", default="registry.toml")
+    p.add_argument("--pipeline", default="baseline-digits", help="a monolithic (model = ...) pipeline")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the pipeline's)")
+    p.add_argument("--context", type=_positive, default=4, help="clean context frames before the probed frame")
+    p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the scheduler's)")
+    p.add_argument("--clips", type=_positive, default=8, help="held-out clips averaged over")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/probe", help="directory for the PNGs and probe.json")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("swap-eval", help="several encoders under one trained decoder: quality, loss, speed, memory")
+    pipeline_args(p)
+    p.add_argument("--encoders", required=True, help="comma-separated registry encoder names")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                   help="an encoder's own checkpoint file (otherwise: same weights as the pipeline's encoder)")
+    p.add_argument("--clips", type=_positive, default=16)
+    p.add_argument("--context", type=_positive, default=4)
+    p.add_argument("--frames", type=_positive, default=8, help="generated frames per clip")
+    p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the scheduler's)")
+    p.add_argument("--seed", type=int, default=0)
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true")
+    output.add_argument("--markdown", action="store_true")
+    p.set_defaults(func=cmd_swap_eval)
     return parser
 
 

@@ -142,6 +142,82 @@ def cmd_swap_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from scdkit.bench import BenchConfig, plot_sweep, run_bench
+
+    try:
+        config = BenchConfig(width=args.width, heads=args.heads, encoder_layers=args.encoder_layers,
+                             decoder_layers=args.decoder_layers, baseline_layers=args.baseline_layers,
+                             tokens_per_frame=args.tokens, steps=args.steps, context_frames=args.context)
+    except ValueError as exc:
+        raise UsageError(f"scdkit bench: {_first_error(exc)}") from None
+    sweep = args.frames or ([16, 32, 64, 128] if args.plot else None)
+    say = (lambda message: err_console.print(message, highlight=False))
+    result = run_bench(config, generated=args.generate, repeats=args.repeats, sweep=sweep, seed=args.seed,
+                       progress=say)
+    if args.plot:
+        plot_sweep(result["sweep"], args.plot)
+        result["plot"] = args.plot
+    if args.encoders:
+        result["encoders"] = _encoder_curves(args, say)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    _print_bench(result)
+    return 0
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        e = errors()[0]
+        return f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}"
+    return str(exc)
+
+
+def _encoder_curves(args, say) -> dict:
+    from scdkit.encoder_bench import curves_markdown, encoder_curves, plot_curves, training_curves
+    from scdkit.registry import load_registry
+
+    registry = load_registry(args.registry)
+    pipeline = registry.pipelines[registry.default_pipeline]
+    names = [name.strip() for name in args.encoders.split(",") if name.strip()]
+    unknown = [name for name in names if name not in registry.components["encoders"]]
+    if unknown:
+        raise UsageError(f"scdkit bench --encoders: unknown encoder(s) {', '.join(unknown)} in {args.registry}; "
+                         f"known: {', '.join(registry.components['encoders'])}")
+    encoders = {name: registry.build_component("encoders", name, pipeline.frame) for name in names}
+    rows = encoder_curves(encoders, args.curve_frames, progress=lambda r: say(
+        f"{r['encoder']} at {r['frames']} frames: {r['step_s'] * 1e3:.2f} ms/step, peak {r['peak_mb']:.1f} MB"))
+    train_rows = training_curves(encoders, args.train_lengths) if args.train_lengths else []
+    if args.encoder_plot:
+        plot_curves(rows, train_rows, args.encoder_plot)
+    return {"frame": pipeline.frame.model_dump(), "curves": rows, "training": train_rows,
+            "markdown": curves_markdown(rows)}
+
+
+def _print_bench(result: dict) -> None:
+    scd, base = result["scd"], result["baseline"]
+    table = Table("", "SCD", "causal DiT", title="scdkit bench: " + ", ".join(f"{k} {v}" for k, v in result["config"].items()))
+    rows = [("parameters", "params", "{:,}"), ("time to first frame (s)", "first_frame_s", "{:.3f}"),
+            ("per-frame latency (s)", "per_frame_s", "{:.4f}"), ("frames/s", "fps", "{:.2f}"),
+            ("peak memory (MB)", "peak_mem_mb", "{:.1f}"), ("GFLOP per frame", "flops_per_frame", "{:.2f}"),
+            ("achieved GFLOP/s", "gflops", "{:.1f}")]
+    for label, key, fmt in rows:
+        scale = 1e-9 if key == "flops_per_frame" else 1
+        table.add_row(label, fmt.format(scd[key] * scale), fmt.format(base[key] * scale))
+    console.print(table)
+    console.print(f"speedup {result['speedup']:.2f}x, FLOP model {result['flop_model_speedup']:.2f}x "
+                  f"({100 * result['speedup_vs_flop_model']:.0f}% of it); machine fp32 matmul "
+                  f"{result['machine_gflops']:.1f} GFLOP/s; SCD decoder loop {scd['decoder_loop_gflops']:.1f} GFLOP/s "
+                  f"({100 * scd['decoder_loop_share_of_machine']:.0f}% of it)")
+    for row in result.get("sweep", []):
+        console.print(f"  {row['frames']:5d} frames: SCD {row['scd']['per_frame_s']:.4f} s/frame, "
+                      f"causal DiT {row['baseline']['per_frame_s']:.4f} s/frame, speedup {row['speedup']:.2f}x")
+    if "encoders" in result:
+        console.print(result["encoders"]["markdown"], markup=False, highlight=False)
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 def _positive(text: str) -> int:
@@ -233,6 +309,31 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true")
     output.add_argument("--markdown", action="store_true")
     p.set_defaults(func=cmd_swap_eval)
+
+    p = sub.add_parser("bench", help="SCD vs the causal-DiT baseline: latency, FLOPs, memory (random weights)")
+    p.add_argument("--width", type=_positive, default=256)
+    p.add_argument("--heads", type=_positive, default=4)
+    p.add_argument("--encoder-layers", type=_positive, default=8)
+    p.add_argument("--decoder-layers", type=_positive, default=4)
+    p.add_argument("--baseline-layers", type=_positive, default=None, help="default: encoder + decoder layers")
+    p.add_argument("--tokens", type=_positive, default=64, help="tokens per frame (a square grid)")
+    p.add_argument("--steps", type=_positive, default=50, help="denoising steps per frame")
+    p.add_argument("--context", type=_positive, default=144, help="context frames before generating")
+    p.add_argument("--generate", type=_positive, default=5, help="frames generated per timed run (>= 2)")
+    p.add_argument("--repeats", type=_positive, default=2, help="timed runs per model, alternating")
+    p.add_argument("--frames", type=_positive, nargs="+", default=None, metavar="N",
+                   help="also measure per-frame cost once N frames exist, for each N (e.g. 16 64 256 512)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="plot the --frames sweep (default sweep 16..128)")
+    p.add_argument("--encoders", default=None, metavar="NAMES",
+                   help="comma-separated registry encoders: per-frame time and peak memory against frame count")
+    p.add_argument("--curve-frames", type=_positive, nargs="+", default=[16, 32, 64, 128, 256, 512, 1024])
+    p.add_argument("--train-lengths", type=_positive, nargs="*", default=[], metavar="N",
+                   help="also peak training memory of the --encoders at these clip lengths")
+    p.add_argument("--encoder-plot", default=None, metavar="FILE.png")
+    p.add_argument("--registry", default="registry.toml")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

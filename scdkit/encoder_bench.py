@@ -195,12 +195,10 @@ def training_markdown(rows: list[dict]) -> str:
 
 def plot_curves(rows: list[dict], train_rows: list[dict], path) -> None:
     """Three panels: per-frame step time, streaming peak memory, training peak memory (all log-log)."""
-    import matplotlib
+    from scdkit.figures import new_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = new_figure(15, 4.2)
+    axes = fig.subplots(1, 3)
     panels = [(rows, "step_s", 1e3, "per-frame step (ms)", "frames seen"),
               (rows, "peak_mb", 1, "streaming peak memory (MB)", "frames seen"),
               (train_rows, "train_peak_mb", 1, "training peak memory (MB)", "clip frames")]
@@ -212,5 +210,4 @@ def plot_curves(rows: list[dict], train_rows: list[dict], path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)

@@ -17,8 +17,6 @@ Axis legend: b batch (clips) · h heads · n tokens per frame · d width · L ke
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from torch import Tensor
 from scdkit.checkpoint import load_component
 from scdkit.errors import UsageError
 from scdkit.evaluate import held_out_clips
+from scdkit.figures import save_png
 from scdkit.interfaces import VideoModel
 from scdkit.nn.attention import attention_weights
 from scdkit.nn.dit import modulate
@@ -140,18 +139,6 @@ def run_probe(pipeline: Pipeline, data: str, context: int = 4, steps: int | None
 
 # -- figures -----------------------------------------------------------------------------------
 
-def _save_atomic(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_probe(result: ProbeResult, out: Path, title: str = "") -> dict[str, str]:
     """Two PNGs: a grid of per-layer similarity heatmaps, and the per-layer curves."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
@@ -174,7 +161,7 @@ def plot_probe(result: ProbeResult, out: Path, title: str = "") -> dict[str, str
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
     fig.suptitle(f"{title} feature similarity across denoising steps".strip())
     heatmaps = out / "probe_similarity.png"
-    _save_atomic(fig, heatmaps)
+    save_png(fig, heatmaps)
 
     fig = Figure(figsize=(6.5, 3.2), layout="constrained")
     left, right = fig.subplots(1, 2)
@@ -185,7 +172,7 @@ def plot_probe(result: ProbeResult, out: Path, title: str = "") -> dict[str, str
     right.set(xlabel="layer", ylabel="mean off-diagonal similarity", ylim=(min(0.0, low), 1.0), xticks=list(depth))
     fig.suptitle(title or "probe")
     curves = out / "probe_curves.png"
-    _save_atomic(fig, curves)
+    save_png(fig, curves)
     return {"similarity_png": str(heatmaps), "curves_png": str(curves)}
 
 

@@ -1,0 +1,28 @@
+"""Writing matplotlib figures: Agg through ``matplotlib.figure.Figure`` (no pyplot global state), atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def new_figure(width: float, height: float):
+    from matplotlib.figure import Figure  # imported late: only the plotting commands need matplotlib
+
+    return Figure(figsize=(width, height))
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` via a temporary file in the same folder: never a half-written PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -94,7 +94,8 @@ def cmd_generate(args) -> int:
 
     registry, name, pipeline = _pipeline(args)
     run_generate(pipeline, registry.pipelines[name].data, context=args.context, frames=args.frames, clips=args.clips,
-                 steps=args.steps, seed=args.seed, gif=Path(args.gif), as_json=args.json, console=console)
+                 steps=args.steps, seed=args.seed, gif=Path(args.gif),
+                 video=Path(args.video) if args.video else None, as_json=args.json, console=console)
     return 0
 
 
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the scheduler's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gif", default="out/generate.gif")
+    p.add_argument("--video", default=None, metavar="FILE.mp4", help="also write an MP4 (needs the video extra)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 

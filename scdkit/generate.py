@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
+from scdkit.errors import UsageError
 from scdkit.evaluate import Evaluation, evaluate_continuation, held_out_clips
 from scdkit.pipeline import Generation, Pipeline
 
@@ -20,10 +21,9 @@ CONTEXT_BORDER = (60, 200, 90)
 GENERATED_BORDER = (230, 70, 60)
 
 
-def write_gif(path: Path, context: Tensor, truth: Tensor, generated: Tensor, clips: int = 4, scale: int = 4,
-              frame_ms: int = 250) -> None:
-    """One row per clip: true frames on the left, the model's on the right. Green border marks
-    context frames, red marks generated ones. Written atomically."""
+def comparison_frames(context: Tensor, truth: Tensor, generated: Tensor, clips: int = 4, scale: int = 4) -> list[np.ndarray]:
+    """RGB frames [H W 3] uint8, one row per clip: true frames on the left, the model's on the right.
+    A green border marks context frames, red marks generated ones."""
     clips = min(clips, context.shape[0])
     true_video = torch.cat([context, truth], dim=1)[:clips, :, 0]  # [c f H W]
     model_video = torch.cat([context, generated], dim=1)[:clips, :, 0]
@@ -31,16 +31,42 @@ def write_gif(path: Path, context: Tensor, truth: Tensor, generated: Tensor, cli
     frames = []
     for f in range(true_video.shape[1]):
         border = CONTEXT_BORDER if f < k else GENERATED_BORDER
-        rows = []
-        for c in range(clips):
-            pair = [_tile(true_video[c, f], border), _tile(model_video[c, f], border)]
-            rows.append(np.concatenate(pair, axis=1))
-        image = np.concatenate(rows, axis=0)
-        frames.append(Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST))
+        rows = [np.concatenate([_tile(true_video[c, f], border), _tile(model_video[c, f], border)], axis=1)
+                for c in range(clips)]
+        frames.append(np.concatenate(rows, axis=0).repeat(scale, axis=0).repeat(scale, axis=1))
+    return frames
+
+
+def write_gif(path: Path, frames: list[np.ndarray], frame_ms: int = 250) -> None:
+    """An endlessly looping GIF, written atomically."""
+    images = [Image.fromarray(frame) for frame in frames]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
     tmp.replace(path)
+
+
+def write_mp4(path: Path, frames: list[np.ndarray], fps: int = 4) -> None:
+    """An H.264 MP4 through imageio's ffmpeg plugin (the ``video`` extra), written atomically."""
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  (imageio's ffmpeg plugin needs it; fail here with the hint)
+    except ImportError as exc:
+        raise UsageError(f"writing {path} needs {exc.name}: pip install 'scdkit[video]'") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        # macro_block_size 16 with frames padded to it: no rescaling, every player accepts the size
+        imageio.mimwrite(tmp, [_pad_to(frame, 16) for frame in frames], fps=fps, format="FFMPEG",
+                         codec="libx264", pixelformat="yuv420p", macro_block_size=16)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _pad_to(frame: np.ndarray, multiple: int) -> np.ndarray:
+    h, w = frame.shape[:2]
+    return np.pad(frame, ((0, -h % multiple), (0, -w % multiple), (0, 0)))
 
 
 def _tile(frame: Tensor, border: tuple[int, int, int]) -> np.ndarray:
@@ -102,16 +128,21 @@ def print_report(report: dict, console: Console) -> None:
 
 def run_generate(pipeline: Pipeline, data: str, context: int = 4, frames: int = 8, clips: int = 16,
                  steps: int | None = None, seed: int = 0, gif: Path = Path("out/generate.gif"),
-                 as_json: bool = False, console: Console | None = None) -> dict:
+                 video: Path | None = None, as_json: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
     steps = steps or pipeline.scheduler.config.steps
     result = evaluate_continuation(pipeline, data, clips=clips, context=context, frames=frames, steps=steps, seed=seed)
     timing = time_streaming(pipeline, data, context, frames, steps)
-    write_gif(gif, result.context, result.truth, result.generation.video)
+    frames = comparison_frames(result.context, result.truth, result.generation.video)
+    write_gif(gif, frames)
     report = summary(result, timing, steps) | {"gif": str(gif)}
+    if video is not None:
+        write_mp4(video, frames)
+        report["video"] = str(video)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         print_report(report, console)
-        console.print(f"wrote {gif} (left: truth, right: model; green border = context, red = generated)")
+        written = f"{gif} and {video}" if video is not None else str(gif)
+        console.print(f"wrote {written} (left: truth, right: model; green border = context, red = generated)")
     return report

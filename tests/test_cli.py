@@ -1,6 +1,7 @@
 """CLI behaviour: exit codes, one-line errors, the train -> generate round trip on a tiny registry."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,14 +60,30 @@ def test_train_then_generate_round_trip(tiny_registry, capsys):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     capsys.readouterr()
 
-    gif = tiny_registry.parent / "out.gif"
+    gif, mp4 = tiny_registry.parent / "out.gif", tiny_registry.parent / "out.mp4"
     assert main(["generate", "--registry", str(tiny_registry), "--clips", "2", "--context", "2", "--frames", "3",
-                 "--gif", str(gif), "--json"]) == 0
+                 "--gif", str(gif), "--video", str(mp4), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["model"]["psnr"]) == 3 and len(report["repeat_last"]["ssim"]) == 3
     assert report["timing_batch1"]["per_frame_s"] > 0
     with Image.open(gif) as image:
         assert image.n_frames == 5  # 2 context + 3 generated
+    imageio = pytest.importorskip("imageio.v3")
+    video = imageio.imread(mp4)
+    assert video.shape[0] == 5 and video.shape[-1] == 3
+    assert [p.name for p in mp4.parent.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+
+
+def test_video_without_the_extra_is_a_one_line_error(tmp_path, monkeypatch):
+    import numpy as np
+
+    from scdkit.errors import UsageError
+    from scdkit.generate import write_mp4
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if the video extra were not installed
+    with pytest.raises(UsageError, match=r"pip install 'scdkit\[video\]'"):
+        write_mp4(tmp_path / "x.mp4", [np.zeros((8, 8, 3), np.uint8)])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoint_mismatch_is_refused(tiny_registry, capsys):

@@ -20,6 +20,7 @@ from scdkit.nn.attention import (ENV_VAR, block_causal_mask, chunked_attention, 
 from scdkit.plugins.encoders.causal_transformer import CausalTransformerEncoder
 from scdkit.registry import load_registry
 from scdkit.testing import TINY_FRAME
+from tests.test_registry import GOOD
 
 ATOL = 1e-5
 CPU32 = (torch.device("cpu"), torch.float32)
@@ -233,33 +234,7 @@ def test_precedence(monkeypatch):
     assert choose_attention_backend(flag="auto", setting="eager") == ("auto", "--attention")
 
 
-REGISTRY = """
-[scdkit]
-{setting}
-
-[encoders.enc]
-plugin = "causal-transformer"
-width = 32
-layers = 1
-heads = 2
-
-[decoders.dec]
-plugin = "dit-frame"
-width = 32
-layers = 1
-heads = 2
-
-[schedulers.flow]
-plugin = "flow-match-euler"
-
-[pipelines.tiny]
-encoder = "enc"
-decoder = "dec"
-scheduler = "flow"
-height = 16
-width = 16
-patch_size = 4
-"""
+REGISTRY = "[scdkit]\n{setting}\n" + GOOD  # GOOD's pipeline is "p"
 
 
 def attends(pipeline):
@@ -273,16 +248,16 @@ def test_registry_env_and_flag_choose_the_backend_of_a_built_pipeline(tmp_path, 
     path.write_text(REGISTRY.format(setting='attention = "eager"'))
     registry = load_registry(path)
     monkeypatch.delenv(ENV_VAR, raising=False)
-    assert attends(registry.build("tiny", load=False)) is eager_attention
+    assert attends(registry.build("p", load=False)) is eager_attention
     monkeypatch.setenv(ENV_VAR, "chunked")
-    assert attends(registry.build("tiny", load=False)) is chunked_attention
+    assert attends(registry.build("p", load=False)) is chunked_attention
     monkeypatch.setenv(ENV_VAR, "flash")  # unusable here, but the flag wins before it is ever resolved
-    assert attends(registry.build("tiny", load=False, attention="sdpa")) is sdpa_attention
+    assert attends(registry.build("p", load=False, attention="sdpa")) is sdpa_attention
     with pytest.raises(BackendUnavailable, match=r"needs a CUDA device.*\(requested by \$SCDKIT_ATTENTION\)"):
-        registry.build("tiny", load=False)
+        registry.build("p", load=False)
 
     monkeypatch.delenv(ENV_VAR)
-    pipeline = registry.build("tiny", load=False)
+    pipeline = registry.build("p", load=False)
     message = use_attention_backend(pipeline, "auto", source="--attention")
     assert attends(pipeline) is sdpa_attention and message.startswith("attention backend: auto picked sdpa")
     # the backend is never part of the weights: switching changes no state_dict key or value

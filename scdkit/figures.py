@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -17,8 +16,7 @@ def save_png(fig, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` via a temporary file in the same folder: never a half-written PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # not mkstemp: that would make the file 0600
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         os.replace(tmp, path)

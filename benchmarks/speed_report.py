@@ -1,0 +1,148 @@
+"""Speed and memory sections of BENCHMARKS.md: `scdkit bench` at the paper's protocol with a frame
+sweep, the encoder curves, and `scdkit swap-eval` on the shipped checkpoint.
+
+    python benchmarks/speed_report.py
+
+Each section is replaced in place (``paper_table.update_report``); the raw results go to
+benchmarks/results/*.json. Nothing here is asserted: these are measurements of this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from scdkit.bench import BenchConfig, plot_sweep, run_bench
+from scdkit.encoder_bench import curves_markdown, encoder_curves, plot_curves, training_curves, training_markdown
+from scdkit.registry import load_registry
+from scdkit.swap_eval import markdown as swap_markdown
+from scdkit.swap_eval import swap_eval
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_table import update_report  # noqa: E402  (a sibling script, not a package)
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH, CURVES, SWAPS = "## SCD vs causal DiT (`scdkit bench`)", "## Encoder curves", "## Encoder swaps"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweep", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
+    parser.add_argument("--encoders", default="causal-s,long-s,mem-s")
+    parser.add_argument("--curve-frames", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512, 1024])
+    parser.add_argument("--train-lengths", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--swap-frames", type=int, default=16, help="generated frames per clip in swap-eval")
+    parser.add_argument("--only", choices=["bench", "curves", "swaps"], nargs="+", default=["bench", "curves", "swaps"])
+    parser.add_argument("--registry", default=str(ROOT / "registry.toml"))
+    parser.add_argument("--report", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks"))
+    return parser.parse_args(argv)
+
+
+def bench_section(result: dict, command: str, plot: Path, stamp: str) -> str:
+    scd, base, c = result["scd"], result["baseline"], result["config"]
+    rows = [("parameters", "params", "{:,}", 1), ("time to first frame (s, 144-frame prefill)", "first_frame_s", "{:.2f}", 1),
+            ("per-frame latency (s)", "per_frame_s", "{:.3f}", 1), ("frames/s", "fps", "{:.2f}", 1),
+            ("peak memory (MB, tensors)", "peak_mem_mb", "{:.0f}", 1), ("GFLOP per frame (model)", "flops_per_frame", "{:.1f}", 1e-9),
+            ("achieved GFLOP/s", "gflops", "{:.1f}", 1), ("share of the machine's matmul rate", "share_of_machine", "{:.0%}", 1)]
+    table = ["| | SCD | causal DiT |", "|---|---:|---:|"]
+    table += [f"| {label} | {fmt.format(scd[key] * s)} | {fmt.format(base[key] * s)} |" for label, key, fmt, s in rows]
+    sweep = ["| frames in context | SCD s/frame | causal DiT s/frame | speedup | FLOP-model speedup |", "|---:|---:|---:|---:|---:|"]
+    sweep += [f"| {r['frames']} | {r['scd']['per_frame_s']:.3f} | {r['baseline']['per_frame_s']:.3f} | {r['speedup']:.2f}× | "
+              f"{r['baseline']['flops_per_frame'] / r['scd']['flops_per_frame']:.2f}× |" for r in result.get("sweep", [])]
+    return f"""{BENCH}
+
+{stamp} random weights, batch 1, fp32, {torch.get_num_threads()} threads; width {c['width']}, {c['heads']} heads, SCD
+{c['encoder_layers']} encoder + {c['decoder_layers']} decoder layers vs causal DiT {c['baseline_layers']} layers,
+{c['tokens_per_frame']} tokens per frame, {c['steps']} Euler steps, {c['context_frames']} context frames
+(`token_concat`). Per-frame latency is the median over the steady frames of interleaved runs (warm-up excluded).
+
+| | |
+|---|---|
+| **measured speedup** | **{result['speedup']:.2f}×** |
+| FLOP-model speedup | {result['flop_model_speedup']:.2f}× (measured = {result['speedup_vs_flop_model']:.0%} of it) |
+| machine fp32 matmul (1024², median) | {result['machine_gflops']:.1f} GFLOP/s |
+| SCD decoder loop | {scd['decoder_loop_gflops']:.1f} GFLOP/s ({scd['decoder_loop_share_of_machine']:.0%} of the machine) |
+
+{chr(10).join(table)}
+
+Per-frame cost once N frames exist (prefill N, then the median of the last 2 of 3 generated frames):
+
+{chr(10).join(sweep)}
+
+![per-frame cost against frame count]({plot})
+
+    {command}
+"""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started, console = time.perf_counter(), Console(stderr=True)
+    say = lambda message: console.print(f"[{time.perf_counter() - started:6.0f}s] {message}", markup=False, highlight=False)  # noqa: E731
+    out, report = Path(args.out), Path(args.report)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python benchmarks/speed_report.py", *(sys.argv[1:] if argv is None else argv)])
+    stamp = f"Run {datetime.date.today().isoformat()} on this {platform.machine()} CPU:"
+    registry = load_registry(args.registry)
+    sections = {}
+    if "bench" in args.only:
+        result = run_bench(BenchConfig(), sweep=args.sweep, progress=say)
+        plot = out / "figures" / "bench_sweep.png"
+        plot_sweep(result["sweep"], plot)
+        (out / "results" / "bench.json").write_text(json.dumps(result, indent=1))
+        sections[BENCH] = bench_section(result, command, plot.relative_to(report.parent), stamp)
+    if "curves" in args.only:
+        frame = registry.pipelines[registry.default_pipeline].frame
+        names = args.encoders.split(",")
+        encoders = {name: registry.build_component("encoders", name, frame) for name in names}
+        rows = encoder_curves(encoders, args.curve_frames, progress=lambda r: say(f"{r['encoder']} {r['frames']}: {r['step_s'] * 1e3:.2f} ms"))
+        train_rows = training_curves(encoders, args.train_lengths)
+        plot = out / "figures" / "encoder_curves.png"
+        plot_curves(rows, train_rows, plot)
+        (out / "results" / "encoder_curves.json").write_text(json.dumps({"curves": rows, "training": train_rows}, indent=1))
+        sections[CURVES] = f"""{CURVES}
+
+{stamp} the registry's encoders ({', '.join(names)}: width 128, 4 layers, 64 tokens per frame), random
+weights, batch 1. Streaming: per-frame `step` time (median of 5 after a prefill and 2 warm-up steps) and
+memory (the encoder state plus the tensors alive during one more step) once N frames have been seen.
+Training: peak tensor memory of one forward + backward over a clip of N frames.
+
+{curves_markdown(rows)}
+
+{training_markdown(train_rows)}
+
+![encoder curves]({plot.relative_to(report.parent)})
+
+    {command}
+"""
+    if "swaps" in args.only:
+        names = args.encoders.split(",")
+        swap = swap_eval(registry, registry.default_pipeline, names, {}, frames=args.swap_frames,
+                         progress=lambda row: say(f"swap-eval {row.encoder} done"))
+        (out / "results" / "swap_eval.json").write_text(json.dumps(swap.to_json(), indent=1))
+        sections[SWAPS] = f"""{SWAPS}
+
+{stamp} the shipped `scd-digits` decoder with each encoder on the shipped encoder weights (same-weights
+swaps), 16 held-out clips, 4 context → {args.swap_frames} generated frames (the model was trained on 7-frame
+clips, so frames past the training length show how each context policy copes), 30 Euler steps.
+
+{swap_markdown(swap)}
+
+    scdkit swap-eval --encoders {args.encoders} --frames {args.swap_frames} --markdown
+"""
+    update_report(report, sections)
+    say(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -202,7 +202,7 @@ def _print_bench(result: dict) -> None:
     table = Table("", "SCD", "causal DiT", title="scdkit bench: " + ", ".join(f"{k} {v}" for k, v in result["config"].items()))
     rows = [("parameters", "params", "{:,}"), ("time to first frame (s)", "first_frame_s", "{:.3f}"),
             ("per-frame latency (s)", "per_frame_s", "{:.4f}"), ("frames/s", "fps", "{:.2f}"),
-            ("peak memory (MB)", "peak_mem_mb", "{:.1f}"), ("GFLOP per frame", "flops_per_frame", "{:.2f}"),
+            ("peak memory (MB)", "peak_mem_mb", "{:.1f}"), ("GFLOP per frame", "flops_per_frame", "{:.4g}"),
             ("achieved GFLOP/s", "gflops", "{:.1f}")]
     for label, key, fmt in rows:
         scale = 1e-9 if key == "flops_per_frame" else 1
@@ -232,8 +232,9 @@ def _positive(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        raise UsageError(f"{self.prog}: {message}")
+    def error(self, message: str):  # one line, exit 2; main() adds the "scdkit: error:" prefix
+        command = self.prog.removeprefix("scdkit").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,6 +131,9 @@ def run_generate(pipeline: Pipeline, data: str, context: int = 4, frames: int = 
                  video: Path | None = None, as_json: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
     steps = steps or pipeline.scheduler.config.steps
+    status = Console(stderr=True)  # progress on stderr: --json output stays clean
+    status.print(f"{pipeline.name}: continuing {clips} held-out {data} clips ({context} context -> {frames} frames, "
+                 f"{steps} steps), then timing batch-1 streaming ...", highlight=False)
     result = evaluate_continuation(pipeline, data, clips=clips, context=context, frames=frames, steps=steps, seed=seed)
     timing = time_streaming(pipeline, data, context, frames, steps)
     frames = comparison_frames(result.context, result.truth, result.generation.video)

@@ -123,7 +123,11 @@ class Registry:
             if encoder is not None and entry.model is None:
                 self.check_same_weights(entry.encoder, encoder)
             for role, module in result.modules.items():
-                load_component(module, directory / f"{role}.safetensors", role)
+                path = directory / f"{role}.safetensors"
+                if not path.is_file():
+                    raise CheckpointError(f"{path}: checkpoint file not found (pipeline {pipeline!r}); "
+                                          f"train it with `scdkit train --pipeline {pipeline}`")
+                load_component(module, path, role)
         return result
 
 

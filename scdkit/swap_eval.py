@@ -122,9 +122,10 @@ def swap_eval(registry: Registry, pipeline: str, encoders: list[str], checkpoint
     if not encoders:
         raise UsageError("swap-eval needs at least one encoder")
     meta = read_metadata(directory / "decoder.safetensors")
+    # every name, checkpoint and same-weights declaration is checked before any evaluation starts
+    swapped = {name: build_swapped(registry, pipeline, name, checkpoints.get(name), attention) for name in encoders}
     rows, decoder = [], None
-    for name in encoders:
-        built, weights = build_swapped(registry, pipeline, name, checkpoints.get(name), attention)
+    for name, (built, weights) in swapped.items():
         if decoder is None:
             decoder = {"pipeline": pipeline, "name": entry.decoder, "checkpoint": str(directory / "decoder.safetensors"),
                        "step": int(meta.get("step", 0)), "params": sum(p.numel() for p in built.decoder.parameters())}

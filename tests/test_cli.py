@@ -39,6 +39,18 @@ def test_bad_arguments_exit_2_with_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--frames" in err
     assert main(["no-such-command"]) == 2
+    capsys.readouterr()
+    assert main(["bench", "--stepz", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "scdkit: error: unrecognized arguments: --stepz 3"  # one prefix, not two
+
+
+def test_missing_checkpoint_says_how_to_make_it(tmp_path, capsys):
+    registry = tmp_path / "registry.toml"
+    registry.write_text(GOOD + 'checkpoint = "nowhere"\n')
+    assert main(["generate", "--registry", str(registry)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint file not found" in err and "scdkit train --pipeline p" in err
 
 
 def test_missing_checkpoint_is_a_one_line_error(tiny_registry, capsys):

@@ -296,3 +296,12 @@ def test_swap_eval_refuses_an_encoder_without_weights(tmp_path, capsys):
                  "--encoders", "causal,deeper", "--clips", "1", "--frames", "1", "--steps", "1", "--json"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("scdkit: error:") and "layers (1 vs 2)" in err[-1]
+    assert not any(line.startswith("evaluated") for line in err)  # refused before any evaluation
+
+
+def test_swap_eval_checks_every_name_before_evaluating(tmp_path, capsys):
+    registry = tiny_registry(tmp_path)
+    code = main(["--threads", "1", "swap-eval", "--registry", str(registry.path), "--pipeline", "p",
+                 "--encoders", "causal,lonng", "--clips", "1", "--frames", "1", "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unknown encoder 'lonng'; did you mean 'long'" in err[0]

@@ -38,8 +38,9 @@ def parse_args(argv):
     parser.add_argument("--sweep", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
     parser.add_argument("--encoders", default="causal-s,long-s,mem-s")
     parser.add_argument("--curve-frames", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512, 1024])
+    parser.add_argument("--repeats", type=int, default=9, help="timed steps per curve point (median)")
     parser.add_argument("--train-lengths", type=int, nargs="+", default=[16, 32, 64, 128])
-    parser.add_argument("--swap-frames", type=int, default=16, help="generated frames per clip in swap-eval")
+    parser.add_argument("--swap-frames", type=int, default=32, help="generated frames per clip in swap-eval")
     parser.add_argument("--only", choices=["bench", "curves", "swaps"], nargs="+", default=["bench", "curves", "swaps"])
     parser.add_argument("--registry", default=str(ROOT / "registry.toml"))
     parser.add_argument("--report", default=str(ROOT / "BENCHMARKS.md"))
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
         frame = registry.pipelines[registry.default_pipeline].frame
         names = args.encoders.split(",")
         encoders = {name: registry.build_component("encoders", name, frame) for name in names}
-        rows = encoder_curves(encoders, args.curve_frames, progress=lambda r: say(f"{r['encoder']} {r['frames']}: {r['step_s'] * 1e3:.2f} ms"))
+        rows = encoder_curves(encoders, args.curve_frames, repeats=args.repeats, progress=lambda r: say(f"{r['encoder']} {r['frames']}: {r['step_s'] * 1e3:.2f} ms"))
         train_rows = training_curves(encoders, args.train_lengths)
         plot = out / "figures" / "encoder_curves.png"
         plot_curves(rows, train_rows, plot)
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         sections[CURVES] = f"""{CURVES}
 
 {stamp} the registry's encoders ({', '.join(names)}: width 128, 4 layers, 64 tokens per frame), random
-weights, batch 1. Streaming: per-frame `step` time (median of 5 after a prefill and 2 warm-up steps) and
+weights, batch 1. Streaming: per-frame `step` time (median of {args.repeats} after a prefill and 2 warm-up steps) and
 memory (the encoder state plus the tensors alive during one more step) once N frames have been seen.
 Training: peak tensor memory of one forward + backward over a clip of N frames.
 

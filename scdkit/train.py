@@ -168,5 +168,18 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: str, resume:
                 trainer.console.print(f"resumed from {out} at step {trainer.step}")
         except (KeyError, RuntimeError) as exc:
             raise CheckpointError(f"{out}/train_state.safetensors cannot be resumed: {exc}") from None
-    trainer.run(log=Path(out) / "train_log.jsonl")
+    log = Path(out) / "train_log.jsonl"
+    trim_log(log, trainer.step)
+    trainer.run(log=log)
     return trainer
+
+
+def trim_log(log: Path, step: int) -> None:
+    """Keep the log lines of steps up to ``step``, where training (re)starts: a resumed run drops the
+    lines that an interrupted run wrote after its last checkpoint, a fresh run starts an empty log."""
+    if not log.exists():
+        return
+    kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = log.with_name(f".{log.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(log)

@@ -45,18 +45,11 @@ def test_bad_arguments_exit_2_with_one_line(capsys):
     assert err == "scdkit: error: unrecognized arguments: --stepz 3"  # one prefix, not two
 
 
-def test_missing_checkpoint_says_how_to_make_it(tmp_path, capsys):
-    registry = tmp_path / "registry.toml"
-    registry.write_text(GOOD + 'checkpoint = "nowhere"\n')
-    assert main(["generate", "--registry", str(registry)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "checkpoint file not found" in err and "scdkit train --pipeline p" in err
-
-
 def test_missing_checkpoint_is_a_one_line_error(tiny_registry, capsys):
     assert main(["generate", "--registry", str(tiny_registry), "--gif", str(tiny_registry.parent / "x.gif")]) == 2
     err = capsys.readouterr().err.strip()
     assert "encoder.safetensors: checkpoint file not found" in err and len(err.splitlines()) == 1
+    assert "scdkit train --pipeline p" in err  # says how to make it
     assert not (tiny_registry.parent / "x.gif").exists()
 
 
@@ -65,11 +58,13 @@ def test_train_then_generate_round_trip(tiny_registry, capsys):
     assert main(["train", "--registry", str(tiny_registry), "--steps", "3", "--batch", "2", "--frames", "3",
                  "--eval-every", "0", "--checkpoint-every", "2"]) == 0
     assert {p.name for p in out.iterdir()} >= {"encoder.safetensors", "decoder.safetensors", "train_state.safetensors"}
-    # resume continues where it stopped
+    # resume continues where it stopped; lines an interrupted run logged after its last checkpoint are dropped
+    with open(out / "train_log.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": 4, "loss": 9.0, "elapsed_s": 1.0}) + "\n")
     assert main(["train", "--registry", str(tiny_registry), "--steps", "4", "--batch", "2", "--frames", "3",
                  "--eval-every", "0"]) == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[-1]["loss"] != 9.0
     capsys.readouterr()
 
     gif, mp4 = tiny_registry.parent / "out.gif", tiny_registry.parent / "out.mp4"

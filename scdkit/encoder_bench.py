@@ -207,6 +207,9 @@ def plot_curves(rows: list[dict], train_rows: list[dict], path) -> None:
             points = [(r["frames"], r[key] * scale) for r in data if r["encoder"] == name]
             ax.plot(*zip(*points), marker="o", label=name)
         ax.set(xscale="log", yscale="log", title=title, xlabel=xlabel)
+        counts = sorted({r["frames"] for r in data})
+        ax.set_xticks(counts, [str(c) for c in counts])  # the measured counts, no log-scale minor labels
+        ax.minorticks_off()
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()

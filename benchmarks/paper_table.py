@@ -243,7 +243,7 @@ def render_probe(args, probe: ProbeResult, figures: dict[str, str]) -> str:
     uniform = probe.context / (probe.context + 1)
     return f"""{PROBE}
 
-The causal DiT trained above (seed {args.seeds[0]}) probed by `scdkit.probe` (same command) on {probe.clips} held-out
+The causal DiT trained above (seed {args.seeds[0]}) probed by `scdkit.probe` (in the run above) on {probe.clips} held-out
 clips: {probe.context} clean context frames, then the next frame denoised in {probe.steps} steps. Per layer: the mean
 (and min) cosine similarity of that frame's block outputs between denoising steps (off-diagonal), and the share of
 the frame's attention mass on the {probe.context} past frames (the rest is on the frame itself; attending uniformly

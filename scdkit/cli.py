@@ -63,7 +63,7 @@ def _pipeline(args, load: bool = True):
 
     registry = load_registry(args.registry)
     name = args.pipeline or registry.default_pipeline
-    pipeline = registry.build(name, load=load)
+    pipeline = registry.build(name, load=load, checkpoint=getattr(args, "checkpoint", None) if load else None)
     if getattr(args, "attention", None):
         from scdkit.backends import use_attention_backend
 
@@ -90,7 +90,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from scdkit.generate import run_generate
+    from scdkit.generate import check_video_support, run_generate
+
+    if args.video:
+        check_video_support(Path(args.video))  # before minutes of work, not after
 
     registry, name, pipeline = _pipeline(args)
     run_generate(pipeline, registry.pipelines[name].data, context=args.context, frames=args.frames, clips=args.clips,
@@ -231,7 +234,23 @@ def _positive(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, unless it is empty or the help text already says it."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        empty = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS
+        if not action.option_strings or empty or "default" in help:
+            return help
+        return f"{help} (default: %(default)s)".strip()
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit 2; main() adds the "scdkit: error:" prefix
         command = self.prog.removeprefix("scdkit").strip()
         raise UsageError(f"{command}: {message}" if command else message)
@@ -251,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     def pipeline_args(p):
-        p.add_argument("--registry", default="registry.toml")
+        p.add_argument("--registry", default="registry.toml", help="registry file")
         p.add_argument("--pipeline", default=None, help="pipeline name (default: the registry's default)")
         p.add_argument("--attention", default=None, help="attention backend (sdpa, eager, chunked, flash, auto)")
 
@@ -276,18 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue held-out clips, write a GIF, compare with repeat-last")
     pipeline_args(p)
-    p.add_argument("--context", type=_positive, default=4)
-    p.add_argument("--frames", type=_positive, default=8)
-    p.add_argument("--clips", type=_positive, default=16)
+    p.add_argument("--context", type=_positive, default=4, help="true frames given as context")
+    p.add_argument("--frames", type=_positive, default=8, help="frames generated after the context")
+    p.add_argument("--clips", type=_positive, default=16, help="held-out clips evaluated")
     p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the scheduler's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gif", default="out/generate.gif")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out clips and the noise")
+    p.add_argument("--gif", default="out/generate.gif", help="where the comparison GIF goes")
     p.add_argument("--video", default=None, metavar="FILE.mp4", help="also write an MP4 (needs the video extra)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="checkpoint directory to load instead of the pipeline's (e.g. a `train --out` run)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("probe", help="per-layer feature similarity across denoising steps and attention on past frames")
-    p.add_argument("--registry", default="registry.toml")
+    p.add_argument("--registry", default="registry.toml", help="registry file")
     p.add_argument("--pipeline", default="baseline-digits", help="a monolithic (model = ...) pipeline")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the pipeline's)")
     p.add_argument("--context", type=_positive, default=4, help="clean context frames before the probed frame")
@@ -333,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-lengths", type=_positive, nargs="*", default=[], metavar="N",
                    help="also peak training memory of the --encoders at these clip lengths")
     p.add_argument("--encoder-plot", default=None, metavar="FILE.png")
-    p.add_argument("--registry", default="registry.toml")
+    p.add_argument("--registry", default="registry.toml", help="registry file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -46,13 +46,24 @@ def write_gif(path: Path, frames: list[np.ndarray], frame_ms: int = 250) -> None
     tmp.replace(path)
 
 
+VIDEO_HINT = "pip install 'scdkit[video]' (from a clone: pip install -c constraints.txt -e \".[video]\")"
+
+
+def check_video_support(path: Path) -> None:
+    """A one-line error now if writing ``path`` would fail later: the video extra, an .mp4 name."""
+    if path.suffix.lower() != ".mp4":
+        raise UsageError(f"--video {path}: expected a .mp4 file name")
+    try:
+        import imageio.v2  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401  (imageio's ffmpeg plugin needs it)
+    except ImportError as exc:
+        raise UsageError(f"writing {path} needs {exc.name}: {VIDEO_HINT}") from None
+
+
 def write_mp4(path: Path, frames: list[np.ndarray], fps: int = 4) -> None:
     """An H.264 MP4 through imageio's ffmpeg plugin (the ``video`` extra), written atomically."""
-    try:
-        import imageio.v2 as imageio
-        import imageio_ffmpeg  # noqa: F401  (imageio's ffmpeg plugin needs it; fail here with the hint)
-    except ImportError as exc:
-        raise UsageError(f"writing {path} needs {exc.name}: pip install 'scdkit[video]'") from None
+    check_video_support(path)
+    import imageio.v2 as imageio
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:

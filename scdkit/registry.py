@@ -98,10 +98,11 @@ class Registry:
         return entry.cls(entry.config, frame, **extra)
 
     def build(self, pipeline: str, load: bool = True, encoder: str | None = None,
-              attention: str | None = None) -> Pipeline:
+              attention: str | None = None, checkpoint: str | Path | None = None) -> Pipeline:
         """Build a pipeline (optionally with another registry encoder), loading its checkpoint.
 
         ``attention`` (the --attention flag) wins over $SCDKIT_ATTENTION, then [scdkit].attention.
+        ``checkpoint`` (a directory) replaces the pipeline's own, e.g. a run trained with ``--out``.
         """
         if pipeline not in self.pipelines:
             raise RegistryError([f"{self.path}: unknown pipeline {pipeline!r}{_suggest(pipeline, self.pipelines)}"])
@@ -118,7 +119,7 @@ class Registry:
             result = Pipeline(pipeline, scheduler, frame, encoder=enc, decoder=dec)
         backend, source = choose_attention_backend(attention, self.settings.attention)
         use_attention_backend(result, backend, self.catalog, source)
-        directory = self.checkpoint_dir(pipeline)
+        directory = Path(checkpoint) if checkpoint is not None else self.checkpoint_dir(pipeline)
         if load and directory is not None:
             if encoder is not None and entry.model is None:
                 self.check_same_weights(entry.encoder, encoder)

@@ -67,6 +67,16 @@ def test_train_then_generate_round_trip(tiny_registry, capsys):
     assert [r["step"] for r in log] == [1, 2, 3, 4] and log[-1]["loss"] != 9.0
     capsys.readouterr()
 
+    # a run trained elsewhere (--out) is generated from with --checkpoint
+    other = tiny_registry.parent / "other"
+    assert main(["train", "--registry", str(tiny_registry), "--steps", "1", "--batch", "1", "--frames", "2",
+                 "--eval-every", "0", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--registry", str(tiny_registry), "--checkpoint", str(other), "--clips", "1",
+                 "--context", "1", "--frames", "1", "--gif", str(other / "g.gif"), "--json"]) == 0
+    assert (other / "g.gif").exists()
+    capsys.readouterr()
+
     gif, mp4 = tiny_registry.parent / "out.gif", tiny_registry.parent / "out.mp4"
     assert main(["generate", "--registry", str(tiny_registry), "--clips", "2", "--context", "2", "--frames", "3",
                  "--gif", str(gif), "--video", str(mp4), "--json"]) == 0
@@ -81,16 +91,16 @@ def test_train_then_generate_round_trip(tiny_registry, capsys):
     assert [p.name for p in mp4.parent.iterdir() if p.name.startswith(".")] == []  # no temporary files left
 
 
-def test_video_without_the_extra_is_a_one_line_error(tmp_path, monkeypatch):
-    import numpy as np
-
-    from scdkit.errors import UsageError
-    from scdkit.generate import write_mp4
-
+def test_video_is_checked_before_any_work(tiny_registry, monkeypatch, capsys):
+    gif = tiny_registry.parent / "x.gif"
+    args = ["generate", "--registry", str(tiny_registry), "--gif", str(gif), "--video"]
+    assert main([*args, str(tiny_registry.parent / "x.avi")]) == 2
+    assert "expected a .mp4 file name" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if the video extra were not installed
-    with pytest.raises(UsageError, match=r"pip install 'scdkit\[video\]'"):
-        write_mp4(tmp_path / "x.mp4", [np.zeros((8, 8, 3), np.uint8)])
-    assert list(tmp_path.iterdir()) == []
+    assert main([*args, str(tiny_registry.parent / "x.mp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs imageio_ffmpeg" in err and "[video]" in err
+    assert not gif.exists()  # refused before generating anything
 
 
 def test_checkpoint_mismatch_is_refused(tiny_registry, capsys):

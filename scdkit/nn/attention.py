@@ -150,7 +150,7 @@ BUILTIN_BACKENDS = (
     AttentionBackend("sdpa", sdpa_attention),
     AttentionBackend("eager", eager_attention),
     AttentionBackend("chunked", chunked_attention),
-    AttentionBackend("flash", flash_attention, flash_unavailable, install_hint="pip install 'scdkit[flash]'"),
+    AttentionBackend("flash", flash_attention, flash_unavailable, install_hint="pip install 'scdkit[flash]' (from a clone: pip install -e \".[flash]\")"),
 )
 
 

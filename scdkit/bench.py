@@ -254,7 +254,7 @@ def frame_sweep(pipelines: dict[str, Pipeline], config: BenchConfig, frame_count
 
 def plot_sweep(rows: list[dict], path) -> None:
     """Per-frame time (measured) and the FLOP model against frame count, both models (log-log)."""
-    from scdkit.figures import new_figure, save_png
+    from scdkit.figures import frame_count_axes, new_figure, save_png
 
     fig = new_figure(10, 4)
     axes = fig.subplots(1, 2)
@@ -265,10 +265,6 @@ def plot_sweep(rows: list[dict], path) -> None:
     axes[0].set(title="measured per-frame time", ylabel="s / frame")
     axes[1].set(title="FLOP model", ylabel="GFLOP / frame")
     for ax in axes:
-        ax.set(xscale="log", yscale="log", xlabel="frames in the context")
-        ax.set_xticks(frames, [str(f) for f in frames])  # the measured counts, no log-scale minor labels
-        ax.minorticks_off()
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        frame_count_axes(ax, frames, "frames in the context")
     fig.tight_layout()
     save_png(fig, path)

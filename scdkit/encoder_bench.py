@@ -195,7 +195,7 @@ def training_markdown(rows: list[dict]) -> str:
 
 def plot_curves(rows: list[dict], train_rows: list[dict], path) -> None:
     """Three panels: per-frame step time, streaming peak memory, training peak memory (all log-log)."""
-    from scdkit.figures import new_figure, save_png
+    from scdkit.figures import frame_count_axes, new_figure, save_png
 
     fig = new_figure(15, 4.2)
     axes = fig.subplots(1, 3)
@@ -206,11 +206,7 @@ def plot_curves(rows: list[dict], train_rows: list[dict], path) -> None:
         for name in dict.fromkeys(r["encoder"] for r in data):
             points = [(r["frames"], r[key] * scale) for r in data if r["encoder"] == name]
             ax.plot(*zip(*points), marker="o", label=name)
-        ax.set(xscale="log", yscale="log", title=title, xlabel=xlabel)
-        counts = sorted({r["frames"] for r in data})
-        ax.set_xticks(counts, [str(c) for c in counts])  # the measured counts, no log-scale minor labels
-        ax.minorticks_off()
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.set_title(title)
+        frame_count_axes(ax, [r["frames"] for r in data], xlabel)
     fig.tight_layout()
     save_png(fig, path)

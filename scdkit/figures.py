@@ -24,3 +24,13 @@ def save_png(fig, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def frame_count_axes(ax, counts, xlabel: str) -> None:
+    """Log-log axes over frame counts, ticked at the measured counts (no log-scale minor labels)."""
+    counts = sorted(set(counts))
+    ax.set(xscale="log", yscale="log", xlabel=xlabel)
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.minorticks_off()
+    ax.grid(True, alpha=0.3)
+    ax.legend()

@@ -155,6 +155,7 @@ def cmd_bench(args) -> int:
                              tokens_per_frame=args.tokens, steps=args.steps, context_frames=args.context)
     except ValueError as exc:
         raise UsageError(f"scdkit bench: {_first_error(exc)}") from None
+    encoders = _registry_encoders(args) if args.encoders else None  # bad names fail before minutes of bench
     sweep = args.frames or ([16, 32, 64, 128] if args.plot else None)
     say = (lambda message: err_console.print(message, highlight=False))
     result = run_bench(config, generated=args.generate, repeats=args.repeats, sweep=sweep, seed=args.seed,
@@ -162,8 +163,8 @@ def cmd_bench(args) -> int:
     if args.plot:
         plot_sweep(result["sweep"], args.plot)
         result["plot"] = args.plot
-    if args.encoders:
-        result["encoders"] = _encoder_curves(args, say)
+    if encoders is not None:
+        result["encoders"] = _encoder_curves(args, *encoders, say)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -179,25 +180,29 @@ def _first_error(exc: ValueError) -> str:
     return str(exc)
 
 
-def _encoder_curves(args, say) -> dict:
-    from scdkit.encoder_bench import curves_markdown, encoder_curves, plot_curves, training_curves
+def _registry_encoders(args) -> tuple[dict, dict]:
+    """The frame (of the default pipeline) and the --encoders built from the registry, checked up front."""
     from scdkit.registry import load_registry
 
     registry = load_registry(args.registry)
-    pipeline = registry.pipelines[registry.default_pipeline]
+    frame = registry.pipelines[registry.default_pipeline].frame
     names = [name.strip() for name in args.encoders.split(",") if name.strip()]
     unknown = [name for name in names if name not in registry.components["encoders"]]
     if unknown:
         raise UsageError(f"scdkit bench --encoders: unknown encoder(s) {', '.join(unknown)} in {args.registry}; "
                          f"known: {', '.join(registry.components['encoders'])}")
-    encoders = {name: registry.build_component("encoders", name, pipeline.frame) for name in names}
+    return frame.model_dump(), {name: registry.build_component("encoders", name, frame) for name in names}
+
+
+def _encoder_curves(args, frame: dict, encoders: dict, say) -> dict:
+    from scdkit.encoder_bench import curves_markdown, encoder_curves, plot_curves, training_curves
+
     rows = encoder_curves(encoders, args.curve_frames, progress=lambda r: say(
         f"{r['encoder']} at {r['frames']} frames: {r['step_s'] * 1e3:.2f} ms/step, peak {r['peak_mb']:.1f} MB"))
     train_rows = training_curves(encoders, args.train_lengths) if args.train_lengths else []
     if args.encoder_plot:
         plot_curves(rows, train_rows, args.encoder_plot)
-    return {"frame": pipeline.frame.model_dump(), "curves": rows, "training": train_rows,
-            "markdown": curves_markdown(rows)}
+    return {"frame": frame, "curves": rows, "training": train_rows, "markdown": curves_markdown(rows)}
 
 
 def _print_bench(result: dict) -> None:

@@ -84,8 +84,8 @@ class Registry:
     pipelines: dict[str, PipelineEntry] = field(default_factory=dict)
 
     @property
-    def default_pipeline(self) -> str:
-        return self.settings.default_pipeline or next(iter(self.pipelines))
+    def default_pipeline(self) -> str | None:
+        return self.settings.default_pipeline or next(iter(self.pipelines), None)
 
     def checkpoint_dir(self, pipeline: str) -> Path | None:
         entry = self.pipelines[pipeline]

@@ -1,6 +1,7 @@
 """`scdkit bench`: the FLOP model against a hand count and against torch's FLOP counter; the JSON shape."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,21 @@ def test_bench_bad_shapes_are_one_line_errors(args, named, capsys):
     assert main(["bench", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err and "Traceback" not in err
+
+
+REGISTRY = str(Path(__file__).resolve().parents[1] / "registry.toml")
+TINY_ARGS = ["--threads", "1", "bench", "--registry", REGISTRY, "--width", "32", "--heads", "2", "--encoder-layers", "1", "--decoder-layers", "1",
+             "--tokens", "16", "--steps", "1", "--context", "2", "--generate", "2", "--repeats", "1", "--json"]
+
+
+def test_bench_encoder_curves_from_the_registry(capsys):
+    assert main([*TINY_ARGS, "--encoders", "long-s,mem-s", "--curve-frames", "8", "9"]) == 0
+    curves = json.loads(capsys.readouterr().out)["encoders"]["curves"]
+    assert [(r["encoder"], r["frames"]) for r in curves] == [("long-s", 8), ("long-s", 9), ("mem-s", 8), ("mem-s", 9)]
+    assert all(r["step_s"] > 0 and r["peak_mb"] > 0 for r in curves)
+
+
+def test_bench_unknown_encoder_fails_before_benchmarking(capsys):
+    assert main([*TINY_ARGS, "--encoders", "causal-s,nope"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown encoder(s) nope" in captured.err and "warming up" not in captured.err and captured.out == ""

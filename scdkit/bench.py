@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
+from rich.table import Table
 
 from scdkit.encoder_bench import LiveBytes
 from scdkit.errors import UsageError
@@ -268,3 +269,26 @@ def plot_sweep(rows: list[dict], path) -> None:
         frame_count_axes(ax, frames, "frames in the context")
     fig.tight_layout()
     save_png(fig, path)
+
+
+def print_bench(result: dict, console) -> None:
+    """The result of :func:`run_bench` as a rich table and a few lines."""
+    scd, base = result["scd"], result["baseline"]
+    table = Table("", "SCD", "causal DiT", title="scdkit bench: " + ", ".join(f"{k} {v}" for k, v in result["config"].items()))
+    rows = [("parameters", "params", "{:,}"), ("time to first frame (s)", "first_frame_s", "{:.3f}"),
+            ("per-frame latency (s)", "per_frame_s", "{:.4f}"), ("frames/s", "fps", "{:.2f}"),
+            ("peak memory (MB)", "peak_mem_mb", "{:.1f}"), ("GFLOP per frame", "flops_per_frame", "{:.4g}"),
+            ("achieved GFLOP/s", "gflops", "{:.1f}")]
+    for label, key, fmt in rows:
+        scale = 1e-9 if key == "flops_per_frame" else 1
+        table.add_row(label, fmt.format(scd[key] * scale), fmt.format(base[key] * scale))
+    console.print(table)
+    console.print(f"speedup {result['speedup']:.2f}x, FLOP model {result['flop_model_speedup']:.2f}x "
+                  f"({100 * result['speedup_vs_flop_model']:.0f}% of it); machine fp32 matmul "
+                  f"{result['machine_gflops']:.1f} GFLOP/s; SCD decoder loop {scd['decoder_loop_gflops']:.1f} GFLOP/s "
+                  f"({100 * scd['decoder_loop_share_of_machine']:.0f}% of it)")
+    for row in result.get("sweep", []):
+        console.print(f"  {row['frames']:5d} frames: SCD {row['scd']['per_frame_s']:.4f} s/frame, "
+                      f"causal DiT {row['baseline']['per_frame_s']:.4f} s/frame, speedup {row['speedup']:.2f}x")
+    if "encoders" in result:
+        console.print(result["encoders"]["markdown"], markup=False, highlight=False)

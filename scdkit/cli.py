@@ -147,7 +147,7 @@ def cmd_swap_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from scdkit.bench import BenchConfig, plot_sweep, run_bench
+    from scdkit.bench import BenchConfig, plot_sweep, print_bench, run_bench
 
     try:
         config = BenchConfig(width=args.width, heads=args.heads, encoder_layers=args.encoder_layers,
@@ -164,11 +164,15 @@ def cmd_bench(args) -> int:
         plot_sweep(result["sweep"], args.plot)
         result["plot"] = args.plot
     if encoders is not None:
-        result["encoders"] = _encoder_curves(args, *encoders, say)
+        from scdkit.encoder_bench import run_curves
+
+        frame, built = encoders
+        result["encoders"] = run_curves(built, args.curve_frames, args.train_lengths, args.encoder_plot, say)
+        result["encoders"]["frame"] = frame
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    _print_bench(result)
+    print_bench(result, console)
     return 0
 
 
@@ -192,39 +196,6 @@ def _registry_encoders(args) -> tuple[dict, dict]:
         raise UsageError(f"scdkit bench --encoders: unknown encoder(s) {', '.join(unknown)} in {args.registry}; "
                          f"known: {', '.join(registry.components['encoders'])}")
     return frame.model_dump(), {name: registry.build_component("encoders", name, frame) for name in names}
-
-
-def _encoder_curves(args, frame: dict, encoders: dict, say) -> dict:
-    from scdkit.encoder_bench import curves_markdown, encoder_curves, plot_curves, training_curves
-
-    rows = encoder_curves(encoders, args.curve_frames, progress=lambda r: say(
-        f"{r['encoder']} at {r['frames']} frames: {r['step_s'] * 1e3:.2f} ms/step, peak {r['peak_mb']:.1f} MB"))
-    train_rows = training_curves(encoders, args.train_lengths) if args.train_lengths else []
-    if args.encoder_plot:
-        plot_curves(rows, train_rows, args.encoder_plot)
-    return {"frame": frame, "curves": rows, "training": train_rows, "markdown": curves_markdown(rows)}
-
-
-def _print_bench(result: dict) -> None:
-    scd, base = result["scd"], result["baseline"]
-    table = Table("", "SCD", "causal DiT", title="scdkit bench: " + ", ".join(f"{k} {v}" for k, v in result["config"].items()))
-    rows = [("parameters", "params", "{:,}"), ("time to first frame (s)", "first_frame_s", "{:.3f}"),
-            ("per-frame latency (s)", "per_frame_s", "{:.4f}"), ("frames/s", "fps", "{:.2f}"),
-            ("peak memory (MB)", "peak_mem_mb", "{:.1f}"), ("GFLOP per frame", "flops_per_frame", "{:.4g}"),
-            ("achieved GFLOP/s", "gflops", "{:.1f}")]
-    for label, key, fmt in rows:
-        scale = 1e-9 if key == "flops_per_frame" else 1
-        table.add_row(label, fmt.format(scd[key] * scale), fmt.format(base[key] * scale))
-    console.print(table)
-    console.print(f"speedup {result['speedup']:.2f}x, FLOP model {result['flop_model_speedup']:.2f}x "
-                  f"({100 * result['speedup_vs_flop_model']:.0f}% of it); machine fp32 matmul "
-                  f"{result['machine_gflops']:.1f} GFLOP/s; SCD decoder loop {scd['decoder_loop_gflops']:.1f} GFLOP/s "
-                  f"({100 * scd['decoder_loop_share_of_machine']:.0f}% of it)")
-    for row in result.get("sweep", []):
-        console.print(f"  {row['frames']:5d} frames: SCD {row['scd']['per_frame_s']:.4f} s/frame, "
-                      f"causal DiT {row['baseline']['per_frame_s']:.4f} s/frame, speedup {row['speedup']:.2f}x")
-    if "encoders" in result:
-        console.print(result["encoders"]["markdown"], markup=False, highlight=False)
 
 
 # -- parser -------------------------------------------------------------------------------------

@@ -210,3 +210,16 @@ def plot_curves(rows: list[dict], train_rows: list[dict], path) -> None:
         frame_count_axes(ax, [r["frames"] for r in data], xlabel)
     fig.tight_layout()
     save_png(fig, path)
+
+
+def run_curves(encoders: dict[str, CausalEncoder], frame_counts: Iterable[int] = FRAME_COUNTS,
+               train_lengths: Iterable[int] = (), plot=None, progress=None) -> dict:
+    """Streaming curves, optional training curves and plot: ``{"curves", "training", "markdown"}``.
+    ``progress``, if given, is called with one line per measured point."""
+    say = progress or (lambda message: None)
+    rows = encoder_curves(encoders, frame_counts, progress=lambda r: say(
+        f"{r['encoder']} at {r['frames']} frames: {r['step_s'] * 1e3:.2f} ms/step, peak {r['peak_mb']:.1f} MB"))
+    train_rows = training_curves(encoders, train_lengths) if train_lengths else []
+    if plot:
+        plot_curves(rows, train_rows, plot)
+    return {"curves": rows, "training": train_rows, "markdown": curves_markdown(rows)}

@@ -104,3 +104,9 @@ def test_bench_unknown_encoder_fails_before_benchmarking(capsys):
     assert main([*TINY_ARGS, "--encoders", "causal-s,nope"]) == 2
     captured = capsys.readouterr()
     assert "unknown encoder(s) nope" in captured.err and "warming up" not in captured.err and captured.out == ""
+
+
+def test_bench_prints_a_table_without_json(capsys):
+    assert main([arg for arg in TINY_ARGS if arg != "--json"] + ["--frames", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "per-frame latency (s)" in out and "speedup" in out and "3 frames: SCD" in out

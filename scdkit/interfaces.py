@@ -191,3 +191,7 @@ class VideoModel(nn.Module, Component, ABC):
     @abstractmethod
     def predict(self, state: EncoderState, x_t: Tensor, t: Tensor) -> Tensor:
         """Prediction [b n p] for the next frame at noise time t [b], from the context so far."""
+
+    def prepare(self, state: EncoderState, times: Tensor) -> None:
+        """The sampling times of a generation, before its first step: a hook to precompute what depends
+        on the time alone. Nothing by default."""

@@ -75,26 +75,24 @@ class ScdStream(nn.Module):
 
     def new_state(self, batch: int, max_frames: int) -> EncoderState:
         state = self.encoder.new_state(batch, max_frames)
-        state.last_cond = None
+        state.cond = None  # the last frame's conditioning, projected by the decoder when it is staged
         if self.staged:
-            state.cond, state.time_terms = None, self.decoder.time_terms
+            state.time_terms = self.decoder.time_terms  # until prepare() tabulates them
         return state
 
     def prepare(self, state: EncoderState, times: Tensor) -> None:
-        """The sampling times of this generation, before its first step."""
+        """The sampling times of this generation, before its first step (see ``VideoModel.prepare``)."""
         if self.staged:
             state.time_terms = TimeTable(self.decoder.time_terms, times)
 
     def observe(self, state: EncoderState, patches: Tensor) -> None:
         cond, _ = self.encoder.step(state, patches)
-        state.last_cond = cond[:, -1]
-        if self.staged:
-            state.cond = self.decoder.condition(state.last_cond)
+        state.cond = self.decoder.condition(cond[:, -1]) if self.staged else cond[:, -1]
 
     def predict(self, state: EncoderState, x_t: Tensor, t: Tensor) -> Tensor:
         if self.staged:
             return self.decoder.denoise(x_t, state.cond, state.time_terms(t))
-        return self.decoder(x_t, t, state.last_cond)
+        return self.decoder(x_t, t, state.cond)
 
 
 @dataclass
@@ -180,9 +178,7 @@ class Pipeline:
         schedule = list(zip(times[:-1].tolist(), times[1:].tolist()))
         state = self.stream.new_state(b, k + frames)
         started = time.perf_counter()
-        prepare = getattr(self.stream, "prepare", None)  # optional: precompute what depends on the times alone
-        if prepare is not None:
-            prepare(state, times[:-1])
+        self.stream.prepare(state, times[:-1])
         self.stream.observe(state, patchify(to_model_range(context), self.frame))
         shape = (b, self.frame.tokens, self.frame.patch_dim)
         t_batch = torch.empty(b)

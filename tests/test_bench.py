@@ -40,8 +40,7 @@ def test_flop_model_matches_torch_flop_counter(name):
     times = pipeline.scheduler.timesteps(TINY.steps)
     with torch.no_grad():
         state = stream.new_state(1, TINY.context_frames + 2)
-        if hasattr(stream, "prepare"):
-            stream.prepare(state, times[:-1])  # once per generation, not per frame
+        stream.prepare(state, times[:-1])  # once per generation, not per frame
         stream.observe(state, torch.randn(1, TINY.context_frames, frame.tokens, frame.patch_dim))
         x = torch.randn(1, frame.tokens, frame.patch_dim)
     with FlopCounterMode(display=False) as counter:  # its module tracking needs autograd on

@@ -63,11 +63,10 @@ def _pipeline(args, load: bool = True):
 
     registry = load_registry(args.registry)
     name = args.pipeline or registry.default_pipeline
-    pipeline = registry.build(name, load=load, checkpoint=getattr(args, "checkpoint", None) if load else None)
-    if getattr(args, "attention", None):
-        from scdkit.backends import use_attention_backend
-
-        console.print(use_attention_backend(pipeline, args.attention))
+    pipeline = registry.build(name, load=load, attention=args.attention,
+                              checkpoint=getattr(args, "checkpoint", None) if load else None)
+    if args.attention:
+        console.print(pipeline.attention)
     return registry, name, pipeline
 
 

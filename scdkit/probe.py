@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from scdkit.checkpoint import load_component
+from scdkit.checkpoint import read_metadata
 from scdkit.errors import UsageError
 from scdkit.evaluate import held_out_clips
 from scdkit.figures import save_png
@@ -118,16 +118,16 @@ def _cosine_matrix(features: Tensor) -> Tensor:
 
 
 def load_probe_pipeline(registry, name: str, checkpoint: str | Path | None = None) -> tuple[Pipeline, int]:
-    """Build a monolithic pipeline and load its model weights; returns it with the training step."""
-    pipeline = registry.build(name, load=False)
-    if pipeline.model is None:
+    """Build a monolithic pipeline with its trained weights; returns it with the training step."""
+    entry = registry.pipelines.get(name)  # an unknown name gets the registry's own error from build()
+    if entry is not None and entry.model is None:
         raise UsageError(f"pipeline {name!r} is an SCD pipeline; probe needs a monolithic one (model = ...), "
                          "e.g. --pipeline baseline-digits")
-    directory = Path(checkpoint) if checkpoint else registry.checkpoint_dir(name)
-    if directory is None:
+    if entry is not None and checkpoint is None and entry.checkpoint is None:
         raise UsageError(f"pipeline {name!r} has no checkpoint directory; pass --checkpoint DIR")
-    metadata = load_component(pipeline.model, directory / "model.safetensors", "model")
-    return pipeline, int(metadata.get("step", 0))
+    pipeline = registry.build(name, checkpoint=checkpoint)
+    directory = Path(checkpoint) if checkpoint else registry.checkpoint_dir(name)
+    return pipeline, int(read_metadata(directory / "model.safetensors").get("step", 0))
 
 
 def run_probe(pipeline: Pipeline, data: str, context: int = 4, steps: int | None = None, clips: int = 8,

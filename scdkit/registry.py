@@ -118,17 +118,20 @@ class Registry:
             dec = self.build_component("decoders", entry.decoder, frame, cond=enc.contract)
             result = Pipeline(pipeline, scheduler, frame, encoder=enc, decoder=dec)
         backend, source = choose_attention_backend(attention, self.settings.attention)
-        use_attention_backend(result, backend, self.catalog, source)
+        result.attention = use_attention_backend(result, backend, self.catalog, source)
         directory = Path(checkpoint) if checkpoint is not None else self.checkpoint_dir(pipeline)
         if load and directory is not None:
             if encoder is not None and entry.model is None:
                 self.check_same_weights(entry.encoder, encoder)
             for role, module in result.modules.items():
                 path = directory / f"{role}.safetensors"
-                if not path.is_file():
-                    raise CheckpointError(f"{path}: checkpoint file not found (pipeline {pipeline!r}); "
-                                          f"train it with `scdkit train --pipeline {pipeline}`")
-                load_component(module, path, role)
+                try:
+                    load_component(module, path, role)
+                except CheckpointError as exc:
+                    if path.exists():
+                        raise
+                    raise CheckpointError(f"{exc} (pipeline {pipeline!r}); train it with "
+                                          f"`scdkit train --pipeline {pipeline}`") from None
         return result
 
 

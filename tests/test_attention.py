@@ -291,3 +291,6 @@ def test_cli_attention_flag(tmp_path, monkeypatch, capsys):
     assert not gif.exists()
     assert main([*args, "--attention", "eager"]) == 0
     assert "attention backend: eager" in capsys.readouterr().out
+    monkeypatch.setenv(ENV_VAR, "flash")  # unusable here; the flag must win before it is ever resolved
+    assert main([*args, "--attention", "eager"]) == 0
+    assert "attention backend: eager (from --attention)" in capsys.readouterr().out

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from scdkit.bench import time_generation
 from scdkit.checkpoint import load_component
 from scdkit.evaluate import evaluate_continuation
 from scdkit.pipeline import Pipeline
@@ -146,19 +147,6 @@ class Table:
     truth_sharpness: float = 0.0
 
 
-def time_per_frame(pipelines: dict[str, Pipeline], context: int, frames: int, steps: int | None,
-                   repeats: int) -> dict[str, float]:
-    """Median steady s/frame of each pipeline, batch 1, runs interleaved so load drifts hit both alike."""
-    frame = next(iter(pipelines.values())).frame
-    video = torch.rand(1, context, frame.channels, frame.height, frame.width)
-    samples = {name: [] for name in pipelines}
-    for _ in range(repeats):
-        for name, pipeline in pipelines.items():
-            generation = pipeline.generate(video, frames, steps=steps, generator=torch.Generator().manual_seed(0))
-            samples[name].append(generation.per_frame_s)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def measure(args, registry, roles, out_of, log) -> tuple[Table, dict[str, Pipeline]]:
     table, first = Table(), {}
     data = registry.pipelines[args.scd].data
@@ -180,7 +168,8 @@ def measure(args, registry, roles, out_of, log) -> tuple[Table, dict[str, Pipeli
                 f"{table.repeat_last['psnr']:.2f} dB")
     table.params = {role: sum(p.numel() for p in pipeline.parameters()) for role, pipeline in first.items()}
     log("timing the streaming loop")
-    table.per_frame_s = time_per_frame(first, args.time_context, args.time_frames, args.sample_steps, args.time_repeats)
+    timings = time_generation(first, args.time_context, args.time_frames, args.time_repeats, steps=args.sample_steps)
+    table.per_frame_s = {role: statistics.median(t.frame_s) for role, t in timings.items()}
     log("  s/frame: " + ", ".join(f"{role} {s:.4f}" for role, s in table.per_frame_s.items()))
     return table, first
 
@@ -220,8 +209,8 @@ checkpoints are evaluated. Quality: {args.eval_clips} held-out clips, {args.eval
 generated frames, {steps} Euler steps, averaged over the generated frames; mean ± sample std over seeds. Sharpness is
 the mean absolute spatial gradient of the generated frames (PSNR rewards blur: compare with the true frames').
 s/frame: steady per-frame latency of the same streaming loop (`Pipeline.generate`), batch 1, {args.time_context}
-context frames, {steps} steps, {args.threads} threads, median of {args.time_repeats} interleaved runs (the first
-frame, with prefill, excluded); speedup = causal DiT s/frame ÷ model s/frame.
+context frames, {steps} steps, {args.threads} threads, median over the steady frames of {args.time_repeats} interleaved
+runs (the first frame, with prefill, excluded); speedup = causal DiT s/frame ÷ model s/frame.
 
 {chr(10).join(rows)}
 """

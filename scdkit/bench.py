@@ -24,7 +24,6 @@ softmax, GELU) is left out. ``tests/test_bench.py`` checks the count against tor
 
 from __future__ import annotations
 
-import gc
 import math
 import statistics
 import time
@@ -34,13 +33,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
 from rich.table import Table
 
-from scdkit.encoder_bench import LiveBytes
+from scdkit.encoder_bench import generation_peak_mb
 from scdkit.errors import UsageError
 from scdkit.interfaces import FrameSpec
 from scdkit.pipeline import Pipeline
 from scdkit.pluginmanager import default_catalog
 
-MB = 2**20
 TIME_FREQUENCIES = 256  # TimestepEmbedding's default
 
 
@@ -174,31 +172,21 @@ class Timing:
 
 
 def time_generation(pipelines: dict[str, Pipeline], context: int, frames: int, repeats: int, seed: int = 0,
-                    progress=None) -> dict[str, Timing]:
+                    progress=None, steps: int | None = None) -> dict[str, Timing]:
     """Generate ``frames`` frames after ``context`` random frames with each pipeline, ``repeats`` times,
     alternating between the pipelines so that machine noise hits them alike."""
     timings = {name: Timing([], [], []) for name in pipelines}
     for repeat in range(repeats):
         for name, pipeline in pipelines.items():
             video = _context(pipeline, context, seed)
-            gen = pipeline.generate(video, frames, generator=torch.Generator().manual_seed(seed + repeat))
+            gen = pipeline.generate(video, frames, steps=steps, generator=torch.Generator().manual_seed(seed + repeat))
             t = timings[name]
             t.first_frame_s.append(gen.first_frame_s)
-            t.frame_s.extend(b - a for a, b in zip(gen.stamps, gen.stamps[1:]))
+            t.frame_s.extend(gen.frame_gaps_s)
             t.denoise_s.extend(gen.denoise_s)
             if progress is not None:
                 progress(f"{name}: run {repeat + 1}/{repeats}, {statistics.median(t.frame_s):.3f} s/frame")
     return timings
-
-
-def peak_memory_mb(pipeline: Pipeline, context: int, seed: int = 0) -> float:
-    """Peak bytes of tensors allocated while prefilling ``context`` frames and generating two (weights
-    excluded: they are the same before and after). Tracked per ATen op (``LiveBytes``), so it is
-    measured in a run of its own, never while timing."""
-    gc.collect()
-    with LiveBytes() as tracker:
-        pipeline.generate(_context(pipeline, context, seed), 2, generator=torch.Generator().manual_seed(seed))
-    return tracker.peak / MB
 
 
 def run_bench(config: BenchConfig, generated: int = 5, repeats: int = 2, sweep: list[int] | None = None,
@@ -220,7 +208,8 @@ def run_bench(config: BenchConfig, generated: int = 5, repeats: int = 2, sweep: 
     for name, pipeline in pipelines.items():
         row = timings[name].row(flops[name], flops["scd_decoder"] if name == "scd" else None)
         say(f"{name}: peak memory")
-        row["peak_mem_mb"] = peak_memory_mb(pipeline, config.context_frames, seed)
+        # prefill of the whole context plus two frames, in a run of its own (tracking slows every op)
+        row["peak_mem_mb"] = generation_peak_mb(pipeline, _context(pipeline, config.context_frames, seed), 2, seed=seed)
         row["params"] = sum(p.numel() for p in pipeline.parameters())
         row["share_of_machine"] = row["gflops"] / gflops_ref
         result[name] = row

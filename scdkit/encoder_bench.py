@@ -68,6 +68,15 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def generation_peak_mb(pipeline, clip: Tensor, frames: int, steps: int | None = None, seed: int = 0) -> float:
+    """Peak MB of tensors allocated during ``pipeline.generate(clip, frames)`` (state, activations;
+    weights excluded). Tracked per ATen op, so measure it in a run of its own, never while timing."""
+    gc.collect()
+    with LiveBytes() as tracker:
+        pipeline.generate(clip, frames, steps=steps, generator=torch.Generator().manual_seed(seed))
+    return tracker.peak / MB
+
+
 def state_nbytes(state: object) -> int:
     """Bytes of every distinct tensor storage reachable from an encoder state (lists, dicts, attributes)."""
     seen: set[int] = set()

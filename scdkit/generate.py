@@ -89,9 +89,8 @@ def _tile(frame: Tensor, border: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-def time_streaming(pipeline: Pipeline, data: str, context: int, frames: int, steps: int | None) -> Generation:
-    """Batch-1 streaming timings after one untimed warm-up run."""
-    clip = held_out_clips(pipeline, data, 1, context, seed=99)
+def time_streaming(pipeline: Pipeline, clip: Tensor, frames: int, steps: int | None = None) -> Generation:
+    """Streaming of ``frames`` frames after ``clip`` [b k c H W], timed after one untimed warm-up run."""
     pipeline.generate(clip, min(frames, 2), steps=steps)  # warm-up: allocator, kernels, caches
     return pipeline.generate(clip, frames, steps=steps, generator=torch.Generator().manual_seed(0))
 
@@ -146,7 +145,7 @@ def run_generate(pipeline: Pipeline, data: str, context: int = 4, frames: int = 
     status.print(f"{pipeline.name}: continuing {clips} held-out {data} clips ({context} context -> {frames} frames, "
                  f"{steps} steps), then timing batch-1 streaming ...", highlight=False)
     result = evaluate_continuation(pipeline, data, clips=clips, context=context, frames=frames, steps=steps, seed=seed)
-    timing = time_streaming(pipeline, data, context, frames, steps)
+    timing = time_streaming(pipeline, held_out_clips(pipeline, data, 1, context, seed=99), frames, steps)
     frames = comparison_frames(result.context, result.truth, result.generation.video)
     write_gif(gif, frames)
     report = summary(result, timing, steps) | {"gif": str(gif)}

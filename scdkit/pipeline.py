@@ -214,7 +214,12 @@ class Generation:
         return self.stamps[0] - self.started
 
     @property
+    def frame_gaps_s(self) -> list[float]:
+        """Time between consecutive frames: every steady frame (the first, with prefill, excluded)."""
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+    @property
     def per_frame_s(self) -> float:
-        """Median time between consecutive frames (the first frame, with prefill, excluded)."""
-        gaps = torch.tensor([b - a for a, b in zip(self.stamps, self.stamps[1:])])
+        """Median of :attr:`frame_gaps_s`."""
+        gaps = torch.tensor(self.frame_gaps_s)
         return float(gaps.median()) if len(gaps) else self.first_frame_s

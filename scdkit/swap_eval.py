@@ -22,7 +22,6 @@ either from that same checkpoint — the pipeline's own encoder, or one declared
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,11 +32,11 @@ from rich.table import Table
 
 from scdkit.checkpoint import load_component, read_metadata
 from scdkit.errors import UsageError
-from scdkit.evaluate import evaluate_continuation, held_out_clips
+from scdkit.encoder_bench import generation_peak_mb
+from scdkit.evaluate import evaluate_continuation
+from scdkit.generate import time_streaming
 from scdkit.pipeline import Pipeline, Recipe
 from scdkit.registry import Registry
-
-MB = 2**20
 
 
 @dataclass
@@ -98,14 +97,8 @@ def validation_loss(pipeline: Pipeline, clips: torch.Tensor, seed: int = 0) -> f
 
 def stream_cost(pipeline: Pipeline, clip: torch.Tensor, frames: int, steps: int | None) -> tuple[float, float, float]:
     """(time to first frame s, per-frame s, peak MB) of batch-1 streaming; see the module doc."""
-    from scdkit.encoder_bench import LiveBytes
-
-    pipeline.generate(clip, min(frames, 2), steps=steps)  # warm-up: allocator, kernels, caches
-    timed = pipeline.generate(clip, frames, steps=steps, generator=torch.Generator().manual_seed(0))
-    gc.collect()
-    with LiveBytes() as tracker:
-        pipeline.generate(clip, frames, steps=steps, generator=torch.Generator().manual_seed(0))
-    return timed.first_frame_s, timed.per_frame_s, tracker.peak / MB
+    timed = time_streaming(pipeline, clip, frames, steps)
+    return timed.first_frame_s, timed.per_frame_s, generation_peak_mb(pipeline, clip, frames, steps)
 
 
 def swap_eval(registry: Registry, pipeline: str, encoders: list[str], checkpoints: dict[str, Path] | None = None,
@@ -124,14 +117,14 @@ def swap_eval(registry: Registry, pipeline: str, encoders: list[str], checkpoint
     meta = read_metadata(directory / "decoder.safetensors")
     # every name, checkpoint and same-weights declaration is checked before any evaluation starts
     swapped = {name: build_swapped(registry, pipeline, name, checkpoints.get(name), attention) for name in encoders}
-    rows, decoder = [], None
+    shared_decoder = next(iter(swapped.values()))[0].decoder
+    decoder = {"pipeline": pipeline, "name": entry.decoder, "checkpoint": str(directory / "decoder.safetensors"),
+               "step": int(meta.get("step", 0)), "params": sum(p.numel() for p in shared_decoder.parameters())}
+    rows = []
     for name, (built, weights) in swapped.items():
-        if decoder is None:
-            decoder = {"pipeline": pipeline, "name": entry.decoder, "checkpoint": str(directory / "decoder.safetensors"),
-                       "step": int(meta.get("step", 0)), "params": sum(p.numel() for p in built.decoder.parameters())}
         result = evaluate_continuation(built, entry.data, clips=clips, context=context, frames=frames, steps=steps,
                                        seed=seed)
-        video = held_out_clips(built, entry.data, clips, context + frames, seed)
+        video = torch.cat([result.context, result.truth], dim=1)  # the held-out clips it was scored on
         means = result.model.mean()
         first_s, per_frame_s, peak_mb = stream_cost(built, video[:1, :context], frames, steps)
         row = SwapRow(name, weights, means["psnr"], means["ssim"], means["mse"], validation_loss(built, video, seed),

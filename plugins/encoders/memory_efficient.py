@@ -11,8 +11,9 @@ long/short-term context), nothing older. Hence:
   (:class:`ClipMemory`), so no attention spans the whole clip, and every block is wrapped in
   activation checkpointing (``torch.utils.checkpoint``, non-reentrant): only block inputs are
   kept, one block's internals are recomputed during backward;
-- attention defaults to ``chunked`` (online softmax over key blocks); as for every encoder the
-  backend stays a runtime choice, and the bounds above hold under any backend.
+- attention is the runtime's backend like every encoder's (the registry builds every pipeline with
+  one); the bounds above hold under any of them, and ``--attention chunked`` also bounds the
+  scratch memory of each attention call.
 
 Trade-off of parameter-free pooling: the encoder declares ``weight_family =
 "causal-transformer"``, so a causal-transformer checkpoint loads unchanged and the two agree
@@ -39,7 +40,6 @@ from torch.utils.checkpoint import checkpoint
 
 from scdkit.hookspecs import hookimpl
 from scdkit.interfaces import EncoderState, FrameSpec
-from scdkit.nn.attention import chunked_attention, set_attention_backend
 from scdkit.nn.dit import DiTBlock
 from scdkit.nn.memory import ClipMemory, MemoryPolicy, StreamingMemory
 from scdkit.plugins.encoders.causal_transformer import CausalTransformerConfig, CausalTransformerEncoder
@@ -76,7 +76,6 @@ class MemoryEfficientEncoder(CausalTransformerEncoder):
         self.policy = MemoryPolicy(config.recent_frames, config.compressed_frames, frame.grid, config.pool)
         #: activation checkpointing of every block while gradients are on; a runtime switch, not config
         self.checkpointing = True
-        set_attention_backend(self, chunked_attention)
 
     def forward(self, patches: Tensor) -> Tensor:
         tokens = patches.shape[2]

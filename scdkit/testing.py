@@ -62,8 +62,15 @@ def check_round_trip(module: torch.nn.Module, role: str, make_twin) -> None:
         twin = make_twin()
         metadata = load_component(twin, path, role)
     assert metadata["step"] == "7" and metadata["plugin"] == module.plugin_name, "metadata lost in round trip"
-    for (name, a), (_, b) in zip(module.state_dict().items(), twin.state_dict().items()):
-        assert torch.equal(a, b), f"round trip changed {name}"
+    assert_same_weights(twin, module, "round trip")
+
+
+def assert_same_weights(module: torch.nn.Module, reference: torch.nn.Module, what: str = "weights") -> None:
+    """The same state-dict keys, and equal tensors under each key."""
+    got, want = module.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys(), f"{what}: keys differ: {sorted(got.keys() ^ want.keys())}"
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), f"{what} changed {name}"
 
 
 # -- encoders ----------------------------------------------------------------------------------
@@ -184,15 +191,20 @@ def check_model_causality(model: VideoModel, frame: FrameSpec, frames: int = 4) 
     clean, noisy = _patches(frame, 2, frames, seed=9), _patches(frame, 2, frames, seed=10)
     t = torch.rand(2, frames, generator=torch.Generator().manual_seed(11))
     base = model(clean, noisy, t)
+    assert base.shape == noisy.shape, f"forward gave {tuple(base.shape)} for noisy frames {tuple(noisy.shape)}"
     for k in range(frames):
         changed_clean, changed_noisy = clean.clone(), noisy.clone()
         changed_clean[:, k] += 1
         changed_noisy[:, k] += 1
         # the noisy frame k only shapes its own prediction; the clean frame k only later ones
-        assert torch.equal(model(clean, changed_noisy, t)[:, :k], base[:, :k]), \
-            f"changing noisy frame {k} changed predictions of earlier frames"
-        assert torch.equal(model(changed_clean, noisy, t)[:, :k + 1], base[:, :k + 1]), \
+        out = model(clean, changed_noisy, t)
+        assert torch.equal(out[:, :k], base[:, :k]), f"changing noisy frame {k} changed predictions of earlier frames"
+        assert not torch.allclose(out[:, k], base[:, k]), f"the prediction of frame {k} ignores noisy frame {k}"
+        out = model(changed_clean, noisy, t)
+        assert torch.equal(out[:, :k + 1], base[:, :k + 1]), \
             f"clean frame {k} leaked into the prediction of frame {k} or earlier"
+        if k + 1 < frames:
+            assert not torch.allclose(out[:, k + 1], base[:, k + 1]), f"frame {k + 1} ignores clean frame {k}"
 
 
 def check_model(cls, config=None, frame: FrameSpec = TINY_FRAME) -> None:

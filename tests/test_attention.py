@@ -205,6 +205,9 @@ def test_encoder_outputs_are_equal_under_every_backend(name, fake_flash):
     reference = run_paths(encoder, patches)
     if name == "flash":  # the fake flash-attn runs on CPU; set the function directly (resolution would refuse CPU)
         set_attention_backend(encoder, flash_attention)
+    elif name == "chunked":  # blocks smaller than the 64 keys, so the online-softmax merge is exercised
+        assert use_attention_backend(encoder, name) == f"attention backend: {name}"
+        set_attention_backend(encoder, partial(chunked_attention, chunk_size=16))
     else:
         assert use_attention_backend(encoder, name) == f"attention backend: {name}"
     for ref, out, path in zip(reference, run_paths(encoder, patches), ("full", "single-frame steps", "mixed steps")):

@@ -7,6 +7,7 @@ from scdkit.checkpoint import load_component, read_metadata, save_component
 from scdkit.errors import CheckpointError
 from scdkit.interfaces import FrameSpec
 from scdkit.plugins.encoders.causal_transformer import CausalTransformerEncoder
+from scdkit.testing import assert_same_weights
 
 FRAME = FrameSpec(channels=1, height=8, width=8, patch_size=2)
 
@@ -59,4 +60,4 @@ def test_round_trip_restores_weights(tmp_path):
         a.clean.add_(1.0)
     save_component(a, tmp_path / "e.safetensors", "encoder")
     load_component(b, tmp_path / "e.safetensors", "encoder")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert_same_weights(b, a)

@@ -85,7 +85,8 @@ def test_train_then_generate_round_trip(tiny_registry, capsys):
     assert report["timing_batch1"]["per_frame_s"] > 0
     with Image.open(gif) as image:
         assert image.n_frames == 5  # 2 context + 3 generated
-    imageio = pytest.importorskip("imageio.v3")
+    import imageio.v3 as imageio  # the dev extra installs it
+
     video = imageio.imread(mp4)
     assert video.shape[0] == 5 and video.shape[-1] == 3
     assert [p.name for p in mp4.parent.iterdir() if p.name.startswith(".")] == []  # no temporary files left

@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from scdkit.errors import RegistryError
+from scdkit.pipeline import Recipe
 from scdkit.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +53,9 @@ def problems(tmp_path, text) -> list[str]:
 def test_shipped_registry_is_valid_and_builds():
     registry = load_registry(REPO / "registry.toml")
     pipeline = registry.build(registry.default_pipeline, load=False)
-    assert pipeline.encoder.contract == pipeline.decoder.contract
+    frame = pipeline.frame
+    loss = pipeline.loss(torch.rand(1, 3, frame.channels, frame.height, frame.width), Recipe())
+    assert torch.isfinite(loss) and loss > 0  # encoder, decoder and scheduler fit together end to end
 
 
 def test_good_registry_builds(tmp_path):
@@ -75,7 +79,7 @@ def test_unknown_key_suggests_field(tmp_path):
 def test_every_problem_is_collected(tmp_path):
     text = (GOOD.replace("width = 32\nlayers = 1\nheads = 2\n\n[decoders", "width = -3\nlayers = 1\nheads = 2\n\n[decoders")
             .replace('scheduler = "flow"', 'scheduler = "flwo"')
-            .replace('combine', 'x') + '\n[encoderz.x]\nplugin = "a"\n')
+            + '\n[encoderz.x]\nplugin = "a"\n')
     found = problems(tmp_path, text)
     assert len(found) == 4, found
     assert any("[encoders.enc].width" in p and "greater than 0" in p for p in found)

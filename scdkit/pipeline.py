@@ -106,7 +106,7 @@ class Pipeline:
     decoder: FrameDecoder | None = None
     model: VideoModel | None = None
     stream: nn.Module = field(init=False)
-    attention: str = "attention backend: sdpa"  # what Registry.build chose, and why
+    attention: str = ""  # the attention backend Registry.build chose, and why ("" when built directly)
 
     def __post_init__(self) -> None:
         if self.model is None:

@@ -10,7 +10,6 @@ from scdkit import testing
 from scdkit.checkpoint import save_component
 from scdkit.cli import main
 from scdkit.errors import CheckpointError, RegistryError
-from scdkit.interfaces import FrameSpec
 from scdkit.nn import attention
 from scdkit.nn.cache import RollingKVCache
 from scdkit.plugins.encoders import flash_long_context as flc

@@ -31,9 +31,10 @@ from rich.console import Console
 
 from scdkit.bench import time_generation
 from scdkit.checkpoint import load_component
-from scdkit.evaluate import evaluate_continuation
-from scdkit.pipeline import Pipeline
-from scdkit.probe import ProbeResult, plot_probe, run_probe
+from scdkit.evaluate import EvalConfig, evaluate_continuation
+from scdkit.files import write_text_atomic
+from scdkit.pipeline import Pipeline, assemble
+from scdkit.probe import ProbeConfig, ProbeResult, plot_probe, run_probe
 from scdkit.registry import load_registry
 from scdkit.train import TrainConfig, train
 
@@ -74,19 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build(registry, pipeline: str, width: int | None, heads: int | None) -> Pipeline:
     """The registry pipeline, optionally narrowed to ``width``/``heads`` (same layer counts), untrained."""
     entry = registry.pipelines[pipeline]
-    frame = entry.frame
-    scheduler = registry.build_component("schedulers", entry.scheduler, frame)
     overrides = {k: v for k, v in (("width", width), ("heads", heads)) if v is not None}
-
-    def component(kind: str, name: str, **extra):
-        spec = registry.components[kind][name]
-        return spec.cls(spec.cls.config_class(**(spec.config.model_dump() | overrides)), frame, **extra)
-
-    if entry.model is not None:
-        return Pipeline(pipeline, scheduler, frame, model=component("models", entry.model))
-    encoder = component("encoders", entry.encoder)
-    return Pipeline(pipeline, scheduler, frame, encoder=encoder,
-                    decoder=component("decoders", entry.decoder, cond=encoder.contract))
+    scheduler = registry.build_component("schedulers", entry.scheduler, entry.frame)
+    return Pipeline(pipeline, scheduler, entry.frame, assemble(registry.build_components(pipeline, overrides=overrides)))
 
 
 def train_job(registry_path: str, pipeline: str, width: int | None, heads: int | None, config: dict, out: str,
@@ -120,7 +111,7 @@ def train_all(args, roles: dict[str, str], runs: Path, log) -> dict[tuple[str, i
 def load_trained(registry, pipeline: str, width: int | None, heads: int | None, out: Path) -> Pipeline:
     """The pipeline with the EMA weights saved in ``out`` (checked against their metadata)."""
     result = build(registry, pipeline, width, heads)
-    for role, module in result.modules.items():
+    for role, module in result.components.items():
         load_component(module, out / f"{role}.safetensors", role)
     return result
 
@@ -156,8 +147,8 @@ def measure(args, registry, roles, out_of, log) -> tuple[Table, dict[str, Pipeli
             out = out_of[role, seed]
             pipeline = load_trained(registry, name, args.width, args.heads, out)
             first.setdefault(role, pipeline)
-            evaluation = evaluate_continuation(pipeline, data, clips=args.eval_clips, context=args.eval_context,
-                                               frames=args.eval_frames, steps=args.sample_steps)
+            evaluation = evaluate_continuation(pipeline, data, EvalConfig(clips=args.eval_clips, context=args.eval_context,
+                                                                          frames=args.eval_frames, steps=args.sample_steps))
             scores = evaluation.model.mean() | {"train_s_per_step": training_seconds(out / "train_log.jsonl") / args.steps}
             for key, value in scores.items():
                 table.scores[role].setdefault(key, []).append(value)
@@ -260,9 +251,7 @@ def update_report(path: Path, sections: dict[str, str]) -> None:
         if heading in pending:
             blocks[i] = pending.pop(heading).rstrip("\n") + "\n\n"
     blocks = [b.rstrip("\n") + "\n\n" for b in blocks] + [body.rstrip("\n") + "\n\n" for body in pending.values()]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(blocks).rstrip("\n") + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(blocks).rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,15 +270,16 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"probing the trained baseline (seed {args.seeds[0]})")
     baseline = trained[BASELINE]
-    probe = run_probe(baseline, registry.pipelines[args.baseline].data, context=args.eval_context,
-                      steps=args.sample_steps, clips=args.probe_clips)
+    probe = run_probe(baseline, registry.pipelines[args.baseline].data,
+                      ProbeConfig(context=args.eval_context, steps=args.sample_steps, clips=args.probe_clips))
     figures = plot_probe(probe, Path(args.figures), title=f"causal DiT, {args.steps} steps, seed {args.seeds[0]}")
 
     scd = trained[SCD]
-    shape = (f"SCD {len(scd.encoder.blocks)} encoder + {len(scd.decoder.blocks)} decoder layers vs causal DiT "
-             f"{len(baseline.model.blocks)} layers, width {scd.encoder.config.width}, {scd.encoder.config.heads} heads")
+    encoder, decoder, model = scd.components["encoder"], scd.components["decoder"], baseline.components["model"]
+    shape = (f"SCD {len(encoder.blocks)} encoder + {len(decoder.blocks)} decoder layers vs causal DiT "
+             f"{len(model.blocks)} layers, width {encoder.config.width}, {encoder.config.heads} heads")
     command = " ".join(["python benchmarks/paper_table.py", *(sys.argv[1:] if argv is None else argv)])
-    steps = str(args.sample_steps) if args.sample_steps else f"{scd.scheduler.timesteps().numel() - 1} (the scheduler's)"
+    steps = str(args.sample_steps) if args.sample_steps else f"{scd.scheduler.steps} (the scheduler's)"
     minutes = (time.perf_counter() - started) / 60
     update_report(Path(args.report), {TABLE: render_table(args, roles, table, shape, steps, command, minutes),
                                       PROBE: render_probe(args, probe, figures)})

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from scdkit.bench import BenchConfig, plot_sweep, run_bench
+from scdkit.bench import BenchConfig, BenchRun, plot_sweep, run_bench
 from scdkit.encoder_bench import curves_markdown, encoder_curves, plot_curves, training_curves, training_markdown
 from scdkit.registry import load_registry
 from scdkit.swap_eval import markdown as swap_markdown
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     registry = load_registry(args.registry)
     sections = {}
     if "bench" in args.only:
-        result = run_bench(BenchConfig(), sweep=args.sweep, progress=say)
+        result = run_bench(BenchConfig(), BenchRun(frames=args.sweep), progress=say)
         plot = out / "figures" / "bench_sweep.png"
         plot_sweep(result["sweep"], plot)
         (out / "results" / "bench.json").write_text(json.dumps(result, indent=1))

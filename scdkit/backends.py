@@ -10,19 +10,14 @@ written to a checkpoint.
 
 from __future__ import annotations
 
-import difflib
 import os
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from scdkit.errors import BackendUnavailable, PluginError
+from scdkit.errors import BackendUnavailable, PluginError, did_you_mean
 from scdkit.nn.attention import ENV_VAR, AttentionBackend, set_attention_backend
 from scdkit.pluginmanager import Catalog, default_catalog
-
-if TYPE_CHECKING:
-    from scdkit.pipeline import Pipeline
 
 KIND = "attention_backends"
 DEFAULT = "sdpa"
@@ -52,10 +47,9 @@ def resolve_attention_backend(name: str, device: torch.device | str, dtype: torc
     if name == AUTO:
         return _auto(device, dtype, catalog)
     if name not in catalog.components[KIND] and (KIND, name) not in catalog.conflicts:
-        close = difflib.get_close_matches(name, known_backends(catalog), n=3)
-        hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"known: {', '.join(known_backends(catalog))}"
+        hint = did_you_mean(name, known_backends(catalog)) or f"; known: {', '.join(known_backends(catalog))}"
         broken = "".join(f"; broken plugin {b.provider} might provide it" for b in catalog.broken)
-        raise PluginError(f"unknown attention backend {name!r}; {hint}{broken}")
+        raise PluginError(f"unknown attention backend {name!r}{hint}{broken}")
     backend: AttentionBackend = catalog.get(KIND, name)
     reason = backend.unavailable(torch.device(device), dtype)
     if reason:
@@ -80,22 +74,22 @@ def _auto(device: torch.device | str, dtype: torch.dtype, catalog: Catalog) -> t
     raise BackendUnavailable(f"attention backend 'auto' found nothing usable: {'; '.join(skipped)}")
 
 
-def use_attention_backend(target: Pipeline | nn.Module, name: str, catalog: Catalog | None = None,
+def use_attention_backend(target: nn.Module, name: str, catalog: Catalog | None = None,
                           source: str | None = None) -> str:
     """Route every attention call of a pipeline (or module) through backend ``name``; return what was chosen.
 
-    The device and dtype are those of the first parameter (CPU/float32 when there is none); call
-    again after moving a model to another device or dtype.
+    The device is the first parameter's; the dtype its autocast dtype when the pipeline has one, else
+    the parameter's (CPU/float32 when there is none). Call again after moving a model to another
+    device or dtype.
     """
-    modules = [target] if isinstance(target, nn.Module) else list(target.modules.values())
-    first = next((p for m in modules for p in m.parameters()), None)
+    first = next(target.parameters(), None)
     device, dtype = (first.device, first.dtype) if first is not None else (torch.device("cpu"), torch.float32)
+    dtype = getattr(target, "autocast_dtype", None) or dtype
     try:
         backend, message = resolve_attention_backend(name, device, dtype, catalog)
     except (BackendUnavailable, PluginError) as exc:
         if source is None:
             raise
         raise type(exc)(f"{exc} (requested by {source})") from None
-    for module in modules:
-        set_attention_backend(module, backend.fn)
+    set_attention_backend(target, backend.fn)
     return message if source is None else f"{message} (from {source})"

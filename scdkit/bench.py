@@ -30,13 +30,14 @@ import time
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 from rich.table import Table
 
+from scdkit.device import synchronize
 from scdkit.encoder_bench import generation_peak_mb
 from scdkit.errors import UsageError
 from scdkit.interfaces import FrameSpec
-from scdkit.pipeline import Pipeline
+from scdkit.pipeline import Pipeline, assemble
 from scdkit.pluginmanager import default_catalog
 
 TIME_FREQUENCIES = 256  # TimestepEmbedding's default
@@ -47,17 +48,17 @@ class BenchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    width: PositiveInt = 256
-    heads: PositiveInt = 4
-    encoder_layers: PositiveInt = 8
-    decoder_layers: PositiveInt = 4
-    baseline_layers: PositiveInt | None = None  # default: encoder_layers + decoder_layers
-    tokens_per_frame: PositiveInt = 64
-    steps: PositiveInt = 50
-    context_frames: PositiveInt = 144
-    patch_size: PositiveInt = 4
-    channels: PositiveInt = 1
-    mlp_ratio: float = 4.0
+    width: PositiveInt = Field(256, description="model width of every component")
+    heads: PositiveInt = Field(4, description="attention heads")
+    encoder_layers: PositiveInt = Field(8, description="SCD encoder layers")
+    decoder_layers: PositiveInt = Field(4, description="SCD decoder layers")
+    baseline_layers: PositiveInt | None = Field(None, description="causal-DiT layers (default: encoder + decoder layers)")
+    tokens_per_frame: PositiveInt = Field(64, description="tokens per frame (a square grid)")
+    steps: PositiveInt = Field(50, description="denoising steps per frame")
+    context_frames: PositiveInt = Field(144, description="context frames before generating")
+    patch_size: PositiveInt = Field(4, description="patch side in pixels")
+    channels: PositiveInt = Field(1, description="frame channels")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP width / model width")
 
     @model_validator(mode="after")
     def _check(self) -> BenchConfig:
@@ -113,8 +114,10 @@ def flops_per_frame(config: BenchConfig, context: int | None = None) -> dict[str
 
 # -- building and measuring -------------------------------------------------------------------------
 
-def build_pipelines(config: BenchConfig, seed: int = 0) -> dict[str, Pipeline]:
-    """SCD (causal-transformer + dit-frame) and the causal-dit baseline at the config's shapes, random weights."""
+def build_pipelines(config: BenchConfig, seed: int = 0, device: torch.device | str = "cpu",
+                    precision: str = "fp32") -> dict[str, Pipeline]:
+    """SCD (causal-transformer + dit-frame) and the causal-dit baseline at the config's shapes, random weights,
+    on ``device`` and under ``precision``."""
     catalog = default_catalog()
     frame, shape = config.frame, {"width": config.width, "heads": config.heads, "mlp_ratio": config.mlp_ratio}
     scheduler_cls = catalog.get("schedulers", "flow-match-euler")
@@ -125,7 +128,8 @@ def build_pipelines(config: BenchConfig, seed: int = 0) -> dict[str, Pipeline]:
         try:
             return cls(cls.config_class(**shape, **fields), frame, *extra)
         except ValidationError as exc:
-            raise UsageError(f"bench: {name} cannot take this shape: {exc.errors()[0]['msg']}") from None
+            raise UsageError(f"bench: {name} cannot take this shape: "
+                             f"{exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
         except ValueError as exc:
             raise UsageError(f"bench: {name} cannot take this shape: {exc}") from None
 
@@ -133,27 +137,32 @@ def build_pipelines(config: BenchConfig, seed: int = 0) -> dict[str, Pipeline]:
     encoder = component("encoders", "causal-transformer", layers=config.encoder_layers)
     decoder = component("decoders", "dit-frame", encoder.contract, layers=config.decoder_layers, combine="token_concat")
     model = component("models", "causal-dit", layers=config.baseline_layers)
-    return {"scd": Pipeline("scd", scheduler, frame, encoder=encoder, decoder=decoder),
-            "baseline": Pipeline("baseline", scheduler, frame, model=model)}
+    pipelines = {"scd": Pipeline("scd", scheduler, frame, assemble({"encoder": encoder, "decoder": decoder})),
+                 "baseline": Pipeline("baseline", scheduler, frame, assemble({"model": model}))}
+    for pipeline in pipelines.values():
+        pipeline.to(device).set_precision(precision)
+    return pipelines
 
 
-def machine_gflops(size: int = 1024, repeats: int = 7) -> float:
-    """This machine's fp32 matmul rate (median of ``repeats`` square ``size`` matmuls after a warm-up)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+def machine_gflops(size: int = 1024, repeats: int = 7, device: torch.device | str = "cpu") -> float:
+    """The device's fp32 matmul rate (median of ``repeats`` square ``size`` matmuls after a warm-up)."""
+    device = torch.device(device)
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    out = torch.empty(size, size, device=device)
     for _ in range(2):
         torch.mm(a, b, out=out)
     times = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = synchronize(device)
         torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - started)
+        times.append(synchronize(device) - started)
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
 def _context(pipeline: Pipeline, frames: int, seed: int) -> torch.Tensor:
     f = pipeline.frame
-    return torch.rand(1, frames, f.channels, f.height, f.width, generator=torch.Generator().manual_seed(seed))
+    return torch.rand(1, frames, f.channels, f.height, f.width, generator=pipeline.generator(seed),
+                      device=pipeline.device)
 
 
 @dataclass
@@ -179,7 +188,7 @@ def time_generation(pipelines: dict[str, Pipeline], context: int, frames: int, r
     for repeat in range(repeats):
         for name, pipeline in pipelines.items():
             video = _context(pipeline, context, seed)
-            gen = pipeline.generate(video, frames, steps=steps, generator=torch.Generator().manual_seed(seed + repeat))
+            gen = pipeline.generate(video, frames, steps=steps, generator=pipeline.generator(seed + repeat))
             t = timings[name]
             t.first_frame_s.append(gen.first_frame_s)
             t.frame_s.extend(gen.frame_gaps_s)
@@ -189,22 +198,42 @@ def time_generation(pipelines: dict[str, Pipeline], context: int, frames: int, r
     return timings
 
 
-def run_bench(config: BenchConfig, generated: int = 5, repeats: int = 2, sweep: list[int] | None = None,
-              seed: int = 0, progress=None) -> dict:
-    """The whole comparison as one JSON-ready object (see the module doc and ``scdkit bench --help``)."""
-    if generated < 2:
-        raise UsageError("bench: --generate needs at least 2 generated frames (the first one includes the prefill)")
+class BenchRun(BaseModel):
+    """How the comparison is timed (the shapes are a :class:`BenchConfig`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    generate: int = Field(5, ge=2, description="frames generated per timed run (the first includes the prefill)")
+    repeats: int = Field(2, ge=1, description="timed runs per model, alternating")
+    frames: list[int] | None = Field(None, description="also measure the per-frame cost once N frames exist, for "
+                                                       "each N (e.g. 16 64 256 512)")
+    seed: int = Field(0, description="seed of the random weights and contexts")
+
+
+def run_bench(config: BenchConfig, run: BenchRun = BenchRun(), progress=None, device: torch.device | str = "cpu",
+              precision: str = "fp32", compile: bool = False) -> dict:
+    """The whole comparison as one JSON-ready object (see the module doc and ``scdkit bench --help``).
+    Under ``compile`` both models are compiled the same way and ``compile_s`` (the first warm-up run,
+    compilation included) is reported for each."""
+    generated, repeats, sweep, seed = run.generate, run.repeats, run.frames, run.seed
     say = progress or (lambda message: None)
-    pipelines = build_pipelines(config, seed)
+    pipelines = build_pipelines(config, seed, device, precision)
+    say(f"measuring on {torch.device(device)}, {precision}" + (", compiled" if compile else ""))
     for p in pipelines.values():
         p.train(False)
     say("measuring the machine's fp32 matmul rate")
-    gflops_ref = machine_gflops()
-    say("warming up")
-    time_generation(pipelines, 2, 2, 1, seed)
+    gflops_ref = machine_gflops(device=next(iter(pipelines.values())).device)
+    warmup_s = {}
+    for name, pipeline in pipelines.items():
+        if compile:
+            pipeline.compile_streaming()
+        say(f"{name}: warming up" + (" (compiling)" if compile else ""))
+        started = time.perf_counter()
+        time_generation({name: pipeline}, 2, 2, 1, seed)
+        warmup_s[name] = time.perf_counter() - started
     flops = flops_per_frame(config)
     timings = time_generation(pipelines, config.context_frames, generated, repeats, seed, say)
-    result = {"config": config.summary(), "machine_gflops": gflops_ref}
+    result = {"config": config.summary(), "machine_gflops": gflops_ref, "device": str(next(iter(pipelines.values())).device),
+              "precision": precision, "compile": compile}
     for name, pipeline in pipelines.items():
         row = timings[name].row(flops[name], flops["scd_decoder"] if name == "scd" else None)
         say(f"{name}: peak memory")
@@ -212,6 +241,7 @@ def run_bench(config: BenchConfig, generated: int = 5, repeats: int = 2, sweep: 
         row["peak_mem_mb"] = generation_peak_mb(pipeline, _context(pipeline, config.context_frames, seed), 2, seed=seed)
         row["params"] = sum(p.numel() for p in pipeline.parameters())
         row["share_of_machine"] = row["gflops"] / gflops_ref
+        row["warmup_s"] = warmup_s[name]  # compilation included under compile
         result[name] = row
     scd, base = result["scd"], result["baseline"]
     scd["decoder_loop_share_of_machine"] = scd["decoder_loop_gflops"] / gflops_ref
@@ -272,6 +302,9 @@ def print_bench(result: dict, console) -> None:
         scale = 1e-9 if key == "flops_per_frame" else 1
         table.add_row(label, fmt.format(scd[key] * scale), fmt.format(base[key] * scale))
     console.print(table)
+    if result.get("compile"):
+        console.print(f"compiled: warm-up run (compilation included) SCD {scd['warmup_s']:.1f} s, "
+                      f"causal DiT {base['warmup_s']:.1f} s")
     console.print(f"speedup {result['speedup']:.2f}x, FLOP model {result['flop_model_speedup']:.2f}x "
                   f"({100 * result['speedup_vs_flop_model']:.0f}% of it); machine fp32 matmul "
                   f"{result['machine_gflops']:.1f} GFLOP/s; SCD decoder loop {scd['decoder_loop_gflops']:.1f} GFLOP/s "

@@ -10,7 +10,6 @@ place, so a crash never leaves a half-written checkpoint. Nothing is ever unpick
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 import scdkit
 from scdkit.errors import CheckpointError
+from scdkit.files import atomic_path
 
 
 def component_metadata(module: nn.Module, role: str, step: int) -> dict[str, str]:
@@ -42,15 +42,8 @@ def component_metadata(module: nn.Module, role: str, step: int) -> dict[str, str
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: that would make the file 0600
-    try:
+    with atomic_path(path) as tmp:  # safetensors files live on the CPU, whatever device trained them
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_component(module: nn.Module, path: Path, role: str, step: int = 0) -> None:
@@ -84,7 +77,10 @@ def read_metadata(path: Path) -> dict[str, str]:
 CHECKED_FIELDS = ("plugin", "plugin_version", "config", "frame", "contract")
 
 
-def metadata_mismatches(stored: dict[str, str], expected: dict[str, str]) -> list[str]:
+def metadata_mismatches(stored: dict[str, str], expected: dict[str, str], defaults: dict | None = None) -> list[str]:
+    """Every field in which a checkpoint's metadata differs from what the component expects. A config
+    key the checkpoint lacks matches its default in ``defaults`` (an option added to the plugin later)."""
+    defaults = defaults or {}
     same_family = stored.get("weight_family") and stored.get("weight_family") == expected.get("weight_family")
     problems = []
     for key in CHECKED_FIELDS:
@@ -94,7 +90,7 @@ def metadata_mismatches(stored: dict[str, str], expected: dict[str, str]) -> lis
             continue  # compared below on the shared architecture fields only
         have, want = stored.get(key), expected[key]
         if key in ("config", "frame", "contract") and have is not None:
-            problems += _json_diff(key, have, want)
+            problems += _json_diff(key, have, want, defaults=defaults if key == "config" else {})
         elif have != want:
             problems.append(f"{key}: checkpoint has {have!r}, registry wants {want!r}")
     if same_family:
@@ -102,24 +98,62 @@ def metadata_mismatches(stored: dict[str, str], expected: dict[str, str]) -> lis
     return problems
 
 
-def _json_diff(key: str, have: str, want: str, only_common: bool = False) -> list[str]:
+def _json_diff(key: str, have: str, want: str, only_common: bool = False, defaults: dict | None = None) -> list[str]:
     a, b = json.loads(have), json.loads(want)
+    a = {k: v for k, v in (defaults or {}).items() if k in b} | a
     keys = (a.keys() & b.keys()) if only_common else (a.keys() | b.keys())
     return [f"{key}.{k}: checkpoint has {a.get(k)!r}, registry wants {b.get(k)!r}"
             for k in sorted(keys) if a.get(k) != b.get(k)]
 
 
+def config_defaults(module: nn.Module) -> dict:
+    """The JSON form of each config field's default (what an older checkpoint that lacks it meant)."""
+    fields = module.config_class.model_fields
+    return {k: f.default for k, f in fields.items() if f.default is not None and not callable(f.default)}
+
+
+def checkpoint_mismatches(module: nn.Module, path: Path, role: str) -> tuple[list[str], dict[str, str]]:
+    """Every way the checkpoint file at ``path`` does not fit ``module`` — metadata, tensor names and
+    shapes — read from the file's header alone (no weights loaded; ``module`` may live on the meta
+    device), and the file's metadata."""
+    from safetensors import safe_open
+
+    metadata = read_metadata(path)
+    problems = metadata_mismatches(metadata, component_metadata(module, role, 0), config_defaults(module))
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing, unexpected = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
+    if missing or unexpected:
+        problems.append(f"weights do not fit {module.plugin_name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    problems += [f"{k}: checkpoint has shape {list(stored[k])}, the component {list(shape)}"
+                 for k, shape in wanted.items() if k in stored and stored[k] != shape]
+    return problems, metadata
+
+
 def load_component(module: nn.Module, path: Path, role: str) -> dict[str, str]:
-    """Load weights into ``module`` after checking the metadata; returns the metadata."""
-    tensors, metadata = read_checkpoint(path)
-    expected = component_metadata(module, role, 0)
-    problems = metadata_mismatches(metadata, expected)
+    """Load weights into ``module`` (on any device) after checking them; returns the metadata."""
+    problems, metadata = checkpoint_mismatches(module, path, role)
     if problems:
         raise CheckpointError(f"{path} does not match the registry entry: " + "; ".join(problems))
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit {module.plugin_name}: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
+    tensors, _ = read_checkpoint(path)
+    module.load_state_dict(tensors)
     return metadata
+
+
+def checkpoint_problems(components: dict[str, nn.Module], directory: Path) -> tuple[list[str], str]:
+    """Check a pipeline's checkpoint folder against its components (e.g. built on the meta device):
+    (problems, a one-line note on what the folder holds). A folder without any component file is
+    not trained yet, which is no problem."""
+    files = {role: Path(directory) / f"{role}.safetensors" for role in components}
+    present = [role for role, path in files.items() if path.is_file()]
+    if not present:
+        return [], f"{directory}: not trained yet"
+    problems = [f"{directory} holds {', '.join(f'{r}.safetensors' for r in present)} but no {role}.safetensors"
+                for role in files if role not in present]
+    steps = set()
+    for role in present:
+        found, metadata = checkpoint_mismatches(components[role], files[role], role)
+        problems += [f"{files[role]}: {problem}" for problem in found]
+        steps.add(metadata.get("step", "?"))
+    return problems, f"{directory}: trained, step {', '.join(sorted(steps))}"

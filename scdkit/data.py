@@ -5,19 +5,23 @@
 - ``bouncing-balls``: soft discs moving at constant speed, bouncing off the edges.
 
 Videos are float32 [clips, frames, channels, height, width] in [0, 1]. Train and test clips
-come from disjoint seed streams, so held-out clips are never seen in training.
+come from disjoint seed streams, so held-out clips are never seen in training. Each data set
+declares what it provides (channels, square frames, conditioning), so ``scdkit validate`` can match
+it against a pipeline.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from scdkit.errors import UsageError
+from scdkit.errors import UsageError, did_you_mean
+from scdkit.interfaces import Batch, ConditioningSpec, FrameSpec
 
 SPLIT_SEED = {"train": 0, "test": 1_000_003}
 
@@ -86,10 +90,41 @@ def bouncing_balls(clips: int, frames: int, size: int = 32, balls: tuple[int, in
     return torch.from_numpy(video)
 
 
-DATASETS: dict[str, Callable[..., Tensor]] = {"moving-digits": moving_digits, "bouncing-balls": bouncing_balls}
+@dataclass(frozen=True)
+class DataSet:
+    """A named source of clips and what it provides: frames of ``channels`` channels (square, any size
+    when ``square``), and the conditioning in ``provides``. ``make(clips, frames, size, split, seed)``
+    returns the video [clips frames channels size size]."""
+
+    name: str
+    make: Callable[..., Tensor]
+    channels: int = 1
+    square: bool = True
+    provides: ConditioningSpec = ConditioningSpec()
+
+    def frame_problems(self, frame: FrameSpec) -> list[tuple[str, str]]:
+        """(key, problem) for each way ``frame`` does not fit this data."""
+        found = []
+        if frame.channels != self.channels:
+            found.append(("channels", f"data {self.name!r} has {self.channels} channel(s), the frame {frame.channels}"))
+        if self.square and frame.height != frame.width:
+            found.append(("width", f"data {self.name!r} makes square frames, the frame is {frame.height}x{frame.width}"))
+        return found
+
+    def batch(self, clips: int, frames: int, frame: FrameSpec, split: str = "train", seed: int = 0) -> Batch:
+        return Batch(self.make(clips, frames, size=frame.height, split=split, seed=seed))
 
 
-def make_clips(name: str, clips: int, frames: int, size: int, split: str = "train", seed: int = 0) -> Tensor:
+DATASETS = {data.name: data for data in (DataSet("moving-digits", moving_digits), DataSet("bouncing-balls", bouncing_balls))}
+
+
+def get_dataset(name: str) -> DataSet:
     if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    return DATASETS[name](clips, frames, size=size, split=split, seed=seed)
+        raise UsageError(f"unknown data set {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def make_clips(name: str, clips: int, frames: int, frame: FrameSpec, split: str = "train", seed: int = 0) -> Batch:
+    """A seeded batch of ``clips`` clips of ``frames`` frames from data set ``name`` (on the CPU; the
+    pipeline moves it to its device)."""
+    return get_dataset(name).batch(clips, frames, frame, split, seed)

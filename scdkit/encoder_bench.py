@@ -73,7 +73,7 @@ def generation_peak_mb(pipeline, clip: Tensor, frames: int, steps: int | None = 
     weights excluded). Tracked per ATen op, so measure it in a run of its own, never while timing."""
     gc.collect()
     with LiveBytes() as tracker:
-        pipeline.generate(clip, frames, steps=steps, generator=torch.Generator().manual_seed(seed))
+        pipeline.generate(clip, frames, steps=steps, generator=pipeline.generator(seed))
     return tracker.peak / MB
 
 
@@ -103,7 +103,11 @@ def state_nbytes(state: object) -> int:
 
 def _frames(encoder: CausalEncoder, batch: int, count: int, generator: torch.Generator) -> Tensor:
     frame, p = encoder.frame, next(encoder.parameters())
-    return torch.randn(batch, count, frame.tokens, frame.patch_dim, generator=generator).to(p.device, p.dtype)
+    return torch.randn(batch, count, frame.tokens, frame.patch_dim, generator=generator, device=p.device, dtype=p.dtype)
+
+
+def _generator(encoder: CausalEncoder, seed: int) -> torch.Generator:
+    return torch.Generator(device=next(encoder.parameters()).device).manual_seed(seed)
 
 
 @torch.no_grad()
@@ -112,7 +116,7 @@ def step_curve_point(encoder: CausalEncoder, frames: int, batch: int = 1, repeat
     """Per-frame step time and memory of ``encoder`` once it has seen ``frames`` frames (see module doc)."""
     if frames < repeats + warmup:
         raise ValueError(f"frame count {frames} is below repeats + warmup = {repeats + warmup}")
-    g = torch.Generator().manual_seed(seed)
+    g = _generator(encoder, seed)
     encoder.eval()
     state = encoder.new_state(batch, frames + 1)
     prefill = frames - repeats - warmup
@@ -153,7 +157,7 @@ def training_point(encoder: CausalEncoder, frames: int, batch: int = 1, seed: in
     """Peak live tensor bytes and wall time of one forward + backward over a random clip of ``frames`` frames."""
     encoder.train()
     encoder.zero_grad(set_to_none=True)
-    clip = _frames(encoder, batch, frames, torch.Generator().manual_seed(seed))
+    clip = _frames(encoder, batch, frames, _generator(encoder, seed))
     gc.collect()
     started = time.perf_counter()
     with LiveBytes() as tracker:

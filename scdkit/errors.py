@@ -1,5 +1,14 @@
 """Errors a user can act on. The CLI prints each as one line and exits non-zero."""
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'a', 'b'?"`` for the close matches of ``name`` among ``known``, or ``""``."""
+    close = difflib.get_close_matches(name, list(known), n=3)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
 
 class ScdkitError(Exception):
     """Base class: the message alone must tell the user what is wrong and where."""

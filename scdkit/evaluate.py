@@ -5,11 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from scdkit.data import make_clips
+from scdkit.interfaces import Batch
 from scdkit.metrics import mse_per_frame, psnr_per_frame, sharpness_per_frame, ssim_per_frame
 from scdkit.pipeline import Generation, Pipeline
+
+
+class EvalConfig(BaseModel):
+    """Which held-out continuations are scored (``generate``, ``swap-eval``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    clips: int = Field(16, ge=1, description="held-out clips evaluated")
+    context: int = Field(4, ge=1, description="true frames given as context")
+    frames: int = Field(8, ge=1, description="frames generated after the context")
+    steps: int | None = Field(None, ge=1, description="sampling steps (default: the scheduler's)")
+    seed: int = Field(0, description="seed of the held-out clips and the noise")
 
 
 @dataclass
@@ -30,6 +43,7 @@ class Scores:
 
 @dataclass
 class Evaluation:
+    clips: Batch  # the held-out clips, context and truth, with their conditioning
     context: Tensor
     truth: Tensor
     generation: Generation
@@ -38,16 +52,18 @@ class Evaluation:
     truth_sharpness: list[float]
 
 
-def held_out_clips(pipeline: Pipeline, data: str, clips: int, frames: int, seed: int = 0) -> Tensor:
-    return make_clips(data, clips, frames, pipeline.frame.height, split="test", seed=seed)
+def held_out_clips(pipeline: Pipeline, data: str, clips: int, frames: int, seed: int = 0) -> Batch:
+    return make_clips(data, clips, frames, pipeline.frame, split="test", seed=seed)
 
 
 @torch.no_grad()
-def evaluate_continuation(pipeline: Pipeline, data: str = "moving-digits", clips: int = 16, context: int = 4,
-                          frames: int = 8, steps: int | None = None, seed: int = 0) -> Evaluation:
-    video = held_out_clips(pipeline, data, clips, context + frames, seed)
-    past, truth = video[:, :context], video[:, context:]
-    generation = pipeline.generate(past, frames, steps=steps, generator=torch.Generator().manual_seed(seed))
+def evaluate_continuation(pipeline: Pipeline, data: str, config: EvalConfig = EvalConfig()) -> Evaluation:
+    """Continue ``config.clips`` held-out clips after ``config.context`` true frames; scored on the CPU."""
+    context, frames, steps, seed = config.context, config.frames, config.steps, config.seed
+    batch = held_out_clips(pipeline, data, config.clips, context + frames, seed)
+    past, truth = batch.video[:, :context], batch.video[:, context:]
+    generation = pipeline.generate(batch.context(context), frames, steps=steps, generator=pipeline.generator(seed))
+    generated = generation.video.float().cpu()
     repeat = past[:, -1:].expand_as(truth)
-    return Evaluation(past, truth, generation, Scores.of(generation.video, truth), Scores.of(repeat, truth),
+    return Evaluation(batch, past, truth, generation, Scores.of(generated, truth), Scores.of(repeat, truth),
                       sharpness_per_frame(truth).tolist())

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from scdkit.files import atomic_path
 
 
 def new_figure(width: float, height: float):
@@ -14,16 +15,9 @@ def new_figure(width: float, height: float):
 
 def save_png(fig, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` via a temporary file in the same folder: never a half-written PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # not mkstemp: that would make the file 0600
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def frame_count_axes(ax, counts, xlabel: str) -> None:

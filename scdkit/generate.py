@@ -4,6 +4,7 @@ model compares with repeating the last context frame, plus streaming timings."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from rich.table import Table
 from torch import Tensor
 
 from scdkit.errors import UsageError
-from scdkit.evaluate import Evaluation, evaluate_continuation, held_out_clips
+from scdkit.files import atomic_path
+from scdkit.evaluate import EvalConfig, Evaluation, evaluate_continuation, held_out_clips
+from scdkit.interfaces import Batch
 from scdkit.pipeline import Generation, Pipeline
 
 CONTEXT_BORDER = (60, 200, 90)
@@ -40,10 +43,8 @@ def comparison_frames(context: Tensor, truth: Tensor, generated: Tensor, clips: 
 def write_gif(path: Path, frames: list[np.ndarray], frame_ms: int = 250) -> None:
     """An endlessly looping GIF, written atomically."""
     images = [Image.fromarray(frame) for frame in frames]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
 
 
 VIDEO_HINT = "pip install 'scdkit[video]' (from a clone: pip install -c constraints.txt -e \".[video]\")"
@@ -64,15 +65,10 @@ def write_mp4(path: Path, frames: list[np.ndarray], fps: int = 4) -> None:
     """An H.264 MP4 through imageio's ffmpeg plugin (the ``video`` extra), written atomically."""
     check_video_support(path)
     import imageio.v2 as imageio
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         # macro_block_size 16 with frames padded to it: no rescaling, every player accepts the size
         imageio.mimwrite(tmp, [_pad_to(frame, 16) for frame in frames], fps=fps, format="FFMPEG",
                          codec="libx264", pixelformat="yuv420p", macro_block_size=16)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _pad_to(frame: np.ndarray, multiple: int) -> np.ndarray:
@@ -89,10 +85,15 @@ def _tile(frame: Tensor, border: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-def time_streaming(pipeline: Pipeline, clip: Tensor, frames: int, steps: int | None = None) -> Generation:
-    """Streaming of ``frames`` frames after ``clip`` [b k c H W], timed after one untimed warm-up run."""
-    pipeline.generate(clip, min(frames, 2), steps=steps)  # warm-up: allocator, kernels, caches
-    return pipeline.generate(clip, frames, steps=steps, generator=torch.Generator().manual_seed(0))
+def time_streaming(pipeline: Pipeline, clip: Batch, frames: int, steps: int | None = None) -> Generation:
+    """Streaming of ``frames`` frames after ``clip`` (its video is the context), timed after one untimed
+    warm-up run; ``warmup_s`` on the result is that run's time (compilation, under ``--compile``)."""
+    started = time.perf_counter()
+    pipeline.generate(clip, min(frames, 2), steps=steps)  # warm-up: allocator, kernels, caches, compilation
+    warmup_s = time.perf_counter() - started
+    timed = pipeline.generate(clip, frames, steps=steps, generator=pipeline.generator(0))
+    timed.warmup_s = warmup_s
+    return timed
 
 
 def summary(result: Evaluation, timing: Generation, steps: int) -> dict:
@@ -107,7 +108,7 @@ def summary(result: Evaluation, timing: Generation, steps: int) -> dict:
         "true_sharpness": result.truth_sharpness,
         "psnr_first4": {"model": result.model.mean(first4)["psnr"], "repeat_last": result.repeat_last.mean(first4)["psnr"]},
         "timing_batch1": {"first_frame_s": timing.first_frame_s, "per_frame_s": timing.per_frame_s,
-                          "fps": 1.0 / timing.per_frame_s},
+                          "fps": 1.0 / timing.per_frame_s, "warmup_s": timing.warmup_s},
     }
 
 
@@ -133,20 +134,22 @@ def print_report(report: dict, console: Console) -> None:
                   f"repeat-last {first4['repeat_last']:.2f} dB ({first4['model'] - first4['repeat_last']:+.2f} dB)")
     t = report["timing_batch1"]
     console.print(f"streaming, batch 1: time to first frame {t['first_frame_s'] * 1000:.1f} ms (prefill included), "
-                  f"steady {t['per_frame_s'] * 1000:.1f} ms/frame, {t['fps']:.1f} frames/s")
+                  f"steady {t['per_frame_s'] * 1000:.1f} ms/frame, {t['fps']:.1f} frames/s; warm-up run "
+                  f"{t['warmup_s']:.1f} s (compilation included, if any)")
 
 
-def run_generate(pipeline: Pipeline, data: str, context: int = 4, frames: int = 8, clips: int = 16,
-                 steps: int | None = None, seed: int = 0, gif: Path = Path("out/generate.gif"),
+def run_generate(pipeline: Pipeline, data: str, config: EvalConfig = EvalConfig(), gif: Path = Path("out/generate.gif"),
                  video: Path | None = None, as_json: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
-    steps = steps or pipeline.scheduler.config.steps
+    clips, context, frames, seed = config.clips, config.context, config.frames, config.seed
+    steps = config.steps or pipeline.scheduler.steps
     status = Console(stderr=True)  # progress on stderr: --json output stays clean
     status.print(f"{pipeline.name}: continuing {clips} held-out {data} clips ({context} context -> {frames} frames, "
                  f"{steps} steps), then timing batch-1 streaming ...", highlight=False)
-    result = evaluate_continuation(pipeline, data, clips=clips, context=context, frames=frames, steps=steps, seed=seed)
-    timing = time_streaming(pipeline, held_out_clips(pipeline, data, 1, context, seed=99), frames, steps)
-    frames = comparison_frames(result.context, result.truth, result.generation.video)
+    result = evaluate_continuation(pipeline, data, config.model_copy(update={"steps": steps}))
+    timing = time_streaming(pipeline, held_out_clips(pipeline, data, 1, context + frames, seed=99).context(context),
+                            frames, steps)
+    frames = comparison_frames(result.context, result.truth, result.generation.video.float().cpu())
     write_gif(gif, frames)
     report = summary(result, timing, steps) | {"gif": str(gif)}
     if video is not None:

@@ -1,21 +1,36 @@
-"""The three component interfaces and the contract where encoder and decoder meet.
+"""The component interfaces, the contracts where they meet, and the one streaming protocol.
 
 Axis legend used throughout scdkit:
-    b batch · f frames · n tokens per frame · p patch values (channels·patch²) · d width · h heads
+    b batch · f frames · n tokens per frame · p patch values (channels·patch²) · d width · h heads ·
+    a action width
 
-Data flow: video [b f c H W] --patchify--> patches [b f n p]
-    encoder(patches) -> cond [b f n_c d_c]     (once per frame, block-causal)
-    decoder(x_t [b n p], t [b], cond [b n_c d_c]) -> prediction [b n p]   (per denoising step)
-    scheduler: noise/time parametrisation for training and sampling.
+Data flow: Batch(video [b f c H W], labels [b], actions [b f a]) --patchify--> patches [b f n p]
+    encoder(patches, conditioning) -> cond [b f n_c d_c]            (once per frame, block-causal)
+    decoder(x_t [b n p], t [b], cond [b n_c d_c], conditioning) -> prediction [b n p]   (every step)
+    scheduler: the noise/time parametrisation, the training target and loss, and the sampler.
+
+**Time.** Every decoder and model receives the noise time ``t`` as a float in [0, 1]: 1 is pure
+noise, 0 the clean sample, ``x_t = alpha(t)·x0 + sigma(t)·noise`` for the scheduler's ``alpha_sigma``.
+Schedulers with discrete timesteps (DDPM, DDIM) hand over ``timestep / train_steps``. The built-in
+blocks embed ``t·1000`` sinusoidally (``scdkit.nn.dit.TimestepEmbedding``).
+
+**Conditioning.** Class labels [b] and per-frame actions [b f a] travel beside the video in a
+:class:`Batch` and reach a component as a :class:`Conditioning`, but only a component that declares
+them in ``accepts`` (a :class:`ConditioningSpec`) is given one: unconditioned plugins need no
+``conditioning`` parameter at all.
+
+**Devices.** A component makes every tensor on the device and dtype of its inputs or parameters;
+nothing assumes the CPU. Random numbers come from a ``torch.Generator`` on that device.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
 
@@ -62,6 +77,113 @@ class FrameSpec(BaseModel):
             )
 
 
+# -- conditioning ---------------------------------------------------------------------------------
+
+class ConditioningSpec(BaseModel):
+    """Which conditioning a component accepts, or a data set provides: ``classes`` class labels
+    (0 = none) and actions of width ``actions`` per frame (0 = none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    classes: NonNegativeInt = 0
+    actions: NonNegativeInt = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.classes or self.actions)
+
+    def unmet_by(self, provided: ConditioningSpec) -> list[str]:
+        """What a component accepting ``self`` would miss from data providing ``provided``."""
+        problems = []
+        if self.classes and not provided.classes:
+            problems.append(f"takes class labels ({self.classes} classes) but the data has none")
+        elif provided.classes > self.classes > 0:
+            problems.append(f"takes {self.classes} classes but the data has {provided.classes}")
+        if self.actions and provided.actions != self.actions:
+            have = f"actions of width {provided.actions}" if provided.actions else "no actions"
+            problems.append(f"takes actions of width {self.actions} but the data has {have}")
+        return problems
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a component is given beside the frames: class labels [b] (int64) and actions [b f a]."""
+
+    labels: Tensor | None = None
+    actions: Tensor | None = None
+
+    def frames(self, start: int, stop: int | None = None) -> Conditioning:
+        """The conditioning of frames [start, stop): labels unchanged, actions sliced."""
+        actions = None if self.actions is None else self.actions[:, start:stop]
+        return replace(self, actions=actions)
+
+    def per_frame(self, frames: int) -> Conditioning:
+        """One item per (clip, frame), clip-major, as the decoder sees [b f ...] flattened to [(b f) ...].
+        Actions must already cover exactly ``frames`` frames."""
+        labels = None if self.labels is None else self.labels.repeat_interleave(frames)
+        actions = None if self.actions is None else self.actions.flatten(0, 1)
+        return Conditioning(labels, actions)
+
+    def repeat(self, times: int) -> Conditioning:
+        """The batch stacked ``times`` times along its first axis."""
+        return Conditioning(*(None if x is None else x.repeat(times, *[1] * (x.dim() - 1))
+                              for x in (self.labels, self.actions)))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Clips and their optional conditioning: video [b f c H W] in [0, 1], labels [b], actions [b f a]."""
+
+    video: Tensor
+    labels: Tensor | None = None
+    actions: Tensor | None = None
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return Conditioning(self.labels, self.actions)
+
+    @property
+    def provides(self) -> ConditioningSpec:
+        """The spec this batch meets (class count unknown from one batch: 1 stands for 'has labels')."""
+        return ConditioningSpec(classes=int(self.labels is not None),
+                                actions=0 if self.actions is None else self.actions.shape[-1])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        """On ``device``; the video and actions in ``dtype`` (labels stay integers)."""
+        def move(x: Tensor | None, floating: bool) -> Tensor | None:
+            if x is None:
+                return None
+            return x.to(device, dtype if floating and dtype is not None else x.dtype, non_blocking=True)
+        return Batch(move(self.video, True), move(self.labels, False), move(self.actions, True))
+
+    def frames(self, start: int, stop: int | None = None) -> Batch:
+        actions = None if self.actions is None else self.actions[:, start:stop]
+        return Batch(self.video[:, start:stop], self.labels, actions)
+
+    def context(self, frames: int) -> Batch:
+        """The first ``frames`` frames as generation context, with the labels and *every* frame's
+        actions (those of the frames to generate steer them)."""
+        return Batch(self.video[:, :frames], self.labels, self.actions)
+
+    def clips(self, start: int, stop: int | None = None) -> Batch:
+        return Batch(*(None if x is None else x[start:stop] for x in (self.video, self.labels, self.actions)))
+
+
+def as_batch(data: Batch | Tensor) -> Batch:
+    """A bare video tensor is a batch without conditioning."""
+    return data if isinstance(data, Batch) else Batch(data)
+
+
+def given(component: Any, conditioning: Conditioning | None) -> dict[str, Conditioning]:
+    """Keyword arguments that pass ``conditioning`` to ``component`` only if it accepts any:
+    plugins that declare no conditioning keep their plain signatures."""
+    accepts = getattr(component, "accepts", None)
+    if conditioning is None or accepts is None or not accepts.any:
+        return {}
+    return {"conditioning": conditioning}
+
+
+# -- components -----------------------------------------------------------------------------------
+
 class EncoderState:
     """Per-stream state of an encoder's incremental path (KV caches and the like).
 
@@ -84,12 +206,18 @@ class Component:
         """A small valid config, used by the conformance kit and docs. Override to make it tiny."""
         return cls.config_class()
 
+    @property
+    def accepts(self) -> ConditioningSpec:
+        """The conditioning this component takes (none by default); see the module doc."""
+        return ConditioningSpec()
+
 
 class CausalEncoder(nn.Module, Component, ABC):
     """Runs once per frame over the clean past and emits one conditioning per frame.
 
     ``forward`` (whole clip, block-causal) and ``step`` (incremental, cached) must agree,
-    and the output for frame k must never depend on frames after k.
+    and the output for frame k must never depend on frames after k. An encoder that accepts
+    conditioning takes ``conditioning`` (actions for exactly the frames given) in both.
     """
 
     #: Encoders that can load each other's weights declare the same family name.
@@ -111,7 +239,8 @@ class CausalEncoder(nn.Module, Component, ABC):
 
     @abstractmethod
     def new_state(self, batch: int, max_frames: int) -> EncoderState:
-        """Empty state for streaming ``batch`` videos of up to ``max_frames`` frames."""
+        """Empty state for streaming ``batch`` videos of up to ``max_frames`` frames, on the
+        parameters' device."""
 
     @abstractmethod
     def step(self, state: EncoderState, patches: Tensor) -> tuple[Tensor, EncoderState]:
@@ -122,7 +251,11 @@ class CausalEncoder(nn.Module, Component, ABC):
 
 
 class FrameDecoder(nn.Module, Component, ABC):
-    """Denoises one frame at a time, conditioned on the encoder output of the previous frame."""
+    """Denoises one frame at a time, conditioned on the encoder output of the previous frame.
+
+    ``t`` follows the time convention of the module doc. A decoder that accepts conditioning
+    takes ``conditioning`` (one item per frame) as a fourth argument.
+    """
 
     def __init__(self, config: ComponentConfig, frame: FrameSpec, cond: CondSpec):
         super().__init__()
@@ -140,36 +273,29 @@ class FrameDecoder(nn.Module, Component, ABC):
         """[b n p] noisy patches, [b] times, [b n_c d_c] conditioning -> [b n p] prediction."""
 
 
-class NoiseScheduler(Component, ABC):
-    """Owns the noise/time parametrisation. Pure torch and stateless."""
+@runtime_checkable
+class StagedDecoder(Protocol):
+    """Optional fast path of a frame decoder whose forward splits into parts with different lifetimes:
+    ``forward(x_t, t, cond[, conditioning]) == denoise(x_t, condition(cond), time_terms(t[, conditioning]))``.
 
-    def __init__(self, config: ComponentConfig):
-        self.config = config
+    Streaming then computes ``time_terms`` once per sampling time and generation (for the whole
+    schedule at once), ``condition`` once per frame, and only ``denoise`` at every step. Decoders
+    without the split are called as a whole. ``time_terms`` returns tensors with a leading batch
+    axis, possibly nested in tuples and lists.
+    """
 
-    @abstractmethod
-    def sample_timesteps(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
-        """Training times, one per element of ``shape``."""
+    def time_terms(self, t: Tensor) -> Any: ...
 
-    @abstractmethod
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """Noisy sample x_t; ``t`` broadcasts from the left over x0's leading axes."""
+    def condition(self, cond: Tensor) -> Tensor: ...
 
-    @abstractmethod
-    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """What the decoder is trained to predict at time t."""
-
-    @abstractmethod
-    def timesteps(self, steps: int | None = None) -> Tensor:
-        """Sampling times, from pure noise to clean, ``steps + 1`` values."""
-
-    @abstractmethod
-    def step(self, prediction: Tensor, t: float, t_next: float, x: Tensor) -> Tensor:
-        """One sampling step from time t to t_next."""
+    def denoise(self, x_t: Tensor, cond: Tensor, time_terms: Any) -> Tensor: ...
 
 
 class VideoModel(nn.Module, Component, ABC):
     """A monolithic streaming video diffuser (no encoder/decoder split), e.g. the causal-DiT
-    baseline. It generates through the same streaming loop as an SCD pipeline."""
+    baseline. It trains and generates through the same :class:`StreamingModel` protocol as an SCD
+    pipeline. One that accepts conditioning takes ``conditioning`` in ``forward`` (whole clip),
+    ``observe`` (actions of the frames given) and ``predict`` (labels)."""
 
     def __init__(self, config: ComponentConfig, frame: FrameSpec):
         super().__init__()
@@ -182,7 +308,7 @@ class VideoModel(nn.Module, Component, ABC):
 
     @abstractmethod
     def new_state(self, batch: int, max_frames: int) -> EncoderState:
-        """Empty streaming state (KV cache over the clean context)."""
+        """Empty streaming state (KV cache over the clean context), on the parameters' device."""
 
     @abstractmethod
     def observe(self, state: EncoderState, patches: Tensor) -> None:
@@ -192,6 +318,174 @@ class VideoModel(nn.Module, Component, ABC):
     def predict(self, state: EncoderState, x_t: Tensor, t: Tensor) -> Tensor:
         """Prediction [b n p] for the next frame at noise time t [b], from the context so far."""
 
-    def prepare(self, state: EncoderState, times: Tensor) -> None:
+    def prepare(self, state: EncoderState, times: list[float]) -> None:
         """The sampling times of a generation, before its first step: a hook to precompute what depends
         on the time alone. Nothing by default."""
+
+
+# -- schedulers -----------------------------------------------------------------------------------
+
+PredictionType = Literal["epsilon", "velocity", "sample"]
+
+
+@dataclass
+class SamplingState:
+    """One sampling run of a scheduler (one frame): the decoder times and what a solver carries.
+
+    ``times`` holds ``steps + 1`` decoder times from noise to clean (see the module doc); ``index``
+    counts the steps taken; ``history`` is free for multistep solvers (previous predictions).
+    """
+
+    times: list[float]
+    device: torch.device
+    index: int = 0
+    history: list[Tensor] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.times) - 1
+
+    @property
+    def t(self) -> float:
+        return self.times[self.index]
+
+    @property
+    def t_next(self) -> float:
+        return self.times[self.index + 1]
+
+
+class NoiseScheduler(Component, ABC):
+    """Owns the noise/time parametrisation, the training target and loss, and sampling.
+
+    Training: ``sample_timesteps`` -> ``add_noise`` -> the model's prediction -> ``training_loss``.
+    Sampling (one frame): ``state = begin(steps, device)``; then ``steps`` times
+    ``x = step(state, model(x, state.t), x, generator)``. Everything a solver remembers lives in the
+    state, so multistep and ancestral (seeded) samplers fit; the scheduler object itself is stateless.
+
+    Declared: ``steps`` (default sampling steps) and ``prediction_type`` (what the model predicts:
+    ``epsilon`` the noise, ``sample`` the clean x0, ``velocity`` dx_t/dt along the noising path,
+    i.e. noise − x0 for flow matching).
+    """
+
+    def __init__(self, config: ComponentConfig):
+        self.config = config
+
+    @property
+    @abstractmethod
+    def steps(self) -> int:
+        """Sampling steps when the caller does not say."""
+
+    @property
+    @abstractmethod
+    def prediction_type(self) -> PredictionType:
+        """What the model is trained to predict."""
+
+    @abstractmethod
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Signal and noise scales at times ``t``: x_t = alpha·x0 + sigma·noise."""
+
+    @abstractmethod
+    def sample_timesteps(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None) -> Tensor:
+        """Training times in [0, 1], one per element of ``shape``, on ``device``."""
+
+    @abstractmethod
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the model is trained to predict at time t (by ``prediction_type``)."""
+
+    @abstractmethod
+    def begin(self, steps: int | None = None, device: torch.device | str | None = None) -> SamplingState:
+        """A new sampling run of ``steps`` steps (the default when None); fewer than 1 is a ValueError."""
+
+    @abstractmethod
+    def step(self, state: SamplingState, prediction: Tensor, x: Tensor,
+             generator: torch.Generator | None = None) -> Tensor:
+        """One sampling step from ``state.t`` to ``state.t_next``; advances ``state.index``."""
+
+    # Shared by every scheduler; override where an algorithm needs something else.
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Noisy sample x_t; ``t`` broadcasts from the left over x0's leading axes."""
+        alpha, sigma = (expand_like(s, x0) for s in self.alpha_sigma(t))
+        return alpha * x0 + sigma * noise
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """Per-item weight of the training loss at times ``t`` (1 by default)."""
+        return torch.ones_like(t)
+
+    def training_loss(self, prediction: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Weighted squared error per element (reduce it as the caller needs)."""
+        error = (prediction.float() - self.training_target(x0, noise, t).float()).square()
+        return expand_like(self.loss_weight(t), error) * error
+
+    @staticmethod
+    def check_steps(steps: int | None, default: int) -> int:
+        """``steps`` or the default; an error for fewer than one step (never a silent default)."""
+        if steps is None:
+            return default
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"sampling needs at least 1 step, got {steps!r}")
+        return steps
+
+
+def expand_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` [leading axes] with trailing singleton axes, so it broadcasts over ``like`` from the left."""
+    return t.reshape(t.shape + (1,) * (like.dim() - t.dim()))
+
+
+# -- the streaming protocol -----------------------------------------------------------------------
+
+class Recipe(BaseModel):
+    """Training options that shape the SCD loss (PAPER.md); a monolithic model ignores them."""
+
+    model_config = ConfigDict(extra="forbid")
+    noise_draws: int = Field(2, ge=1, description="decoder noise draws per encoder pass")
+    cond_noise: float = Field(0.05, ge=0, description="std of Gaussian noise on the encoder output")
+    clean_context_ratio: float = Field(0.1, ge=0, le=1, description="share of clips whose encoder input is clean")
+    context_noise: float = Field(0.05, ge=0, le=1, description="max noise time of the encoder input otherwise")
+
+
+class StreamingModel(nn.Module, ABC):
+    """What training, generation, swap-eval, bench and probe see of a pipeline: an SCD encoder +
+    decoder or a monolithic model, behind one interface (``scdkit.pipeline`` adapts both).
+
+    ``components`` are the trained modules by role (one checkpoint file each). Streaming:
+    ``new_state`` -> ``prepare`` (the generation's decoder times) -> ``observe`` (clean frames enter
+    the context) -> ``predict`` (at every denoising step of the next frame) -> ``observe`` ...
+    """
+
+    frame: FrameSpec
+
+    @property
+    @abstractmethod
+    def components(self) -> dict[str, nn.Module]: ...
+
+    @property
+    def accepts(self) -> ConditioningSpec:
+        """The conditioning any component takes (classes and action width, the largest)."""
+        specs = [c.accepts for c in self.components.values()]
+        return ConditioningSpec(classes=max(s.classes for s in specs), actions=max(s.actions for s in specs))
+
+    @abstractmethod
+    def loss(self, x0: Tensor, conditioning: Conditioning, scheduler: NoiseScheduler, recipe: Recipe,
+             generator: torch.Generator | None = None) -> Tensor:
+        """Training loss on clean patches [b f n p]; every frame but the first is a target."""
+
+    @abstractmethod
+    def new_state(self, batch: int, max_frames: int, conditioning: Conditioning) -> EncoderState:
+        """Empty stream state; ``conditioning`` holds the clip-level labels for the whole stream."""
+
+    def prepare(self, state: EncoderState, times: list[float]) -> None:
+        """The decoder times of this generation's steps, before the first one. Nothing by default."""
+
+    @abstractmethod
+    def observe(self, state: EncoderState, patches: Tensor, conditioning: Conditioning) -> None:
+        """Clean frames [b k n p] (and their actions) enter the context."""
+
+    @abstractmethod
+    def predict(self, state: EncoderState, x_t: Tensor, t: float | Tensor) -> Tensor:
+        """Prediction [b n p] for the next frame at time ``t``: one float for the whole batch, or [b]."""
+
+    @abstractmethod
+    def compile_steps(self, **options) -> None:
+        """Wrap the per-step network call and the per-frame context step with ``torch.compile(**options)``."""

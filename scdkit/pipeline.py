@@ -1,21 +1,28 @@
-"""Pipelines: an SCD encoder + decoder + scheduler (or a monolithic model + scheduler),
-the training loss, and the streaming generation loop shared by both.
+"""Pipelines: the streaming protocol over an SCD encoder + decoder or a monolithic model, the
+training loss, and the one streaming generation loop.
 
-Axis legend: b batch · f frames · n tokens per frame · p patch values · c channels.
+:func:`assemble` is the one place that tells the two kinds apart; everything after it (training,
+generation, swap-eval, bench, probe) sees a :class:`~scdkit.interfaces.StreamingModel`.
+A :class:`Pipeline` is an ``nn.Module``: ``.to(device, dtype)`` moves it, and every tensor it makes
+is made on its device.
+
+Axis legend: b batch · f frames · n tokens per frame · p patch values · c channels · d width.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
 
 import torch
 from einops import rearrange
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from scdkit.interfaces import CausalEncoder, EncoderState, FrameDecoder, FrameSpec, NoiseScheduler, VideoModel
+from scdkit.device import AUTOCAST_DTYPES, synchronize
+from scdkit.interfaces import (Batch, CausalEncoder, Conditioning, EncoderState, FrameDecoder, FrameSpec,
+                               NoiseScheduler, Recipe, StagedDecoder, StreamingModel, VideoModel, as_batch, given)
 from scdkit.nn.dit import TimeTable
 
 
@@ -39,160 +46,246 @@ def to_pixel_range(video: Tensor) -> Tensor:
     return ((video + 1) / 2).clamp(0, 1)
 
 
-class Recipe(BaseModel):
-    """SCD training options that shape the loss (PAPER.md)."""
-
-    model_config = ConfigDict(extra="forbid")
-    noise_draws: int = Field(2, ge=1, description="decoder noise draws per encoder pass")
-    cond_noise: float = Field(0.05, ge=0, description="std of Gaussian noise on the encoder output")
-    clean_context_ratio: float = Field(0.1, ge=0, le=1, description="share of clips whose encoder input is clean")
-    context_noise: float = Field(0.05, ge=0, le=1, description="max noise time of the encoder input otherwise")
+def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise with x's shape, device and dtype."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-@runtime_checkable
-class StagedDecoder(Protocol):
-    """A frame decoder whose forward splits into parts with different lifetimes (``dit-frame``):
-    ``forward(x_t, t, cond) == denoise(x_t, condition(cond), time_terms(t))``.
-
-    Streaming then computes ``time_terms`` once per sampling time, ``condition`` once per frame,
-    and only ``denoise`` at every step. Decoders without the split are called as a whole.
-    """
-
-    def time_terms(self, t: Tensor) -> Any: ...
-
-    def condition(self, cond: Tensor) -> Tensor: ...
-
-    def denoise(self, x_t: Tensor, cond: Tensor, time_terms: Any) -> Tensor: ...
+def time_batch(t: float | Tensor, like: Tensor) -> Tensor:
+    """Times [b] for a batch like ``like`` [b ...]: one float broadcast, or per-item times as they are."""
+    if isinstance(t, Tensor):
+        return t
+    return torch.full((like.shape[0],), t, device=like.device)
 
 
-class ScdStream(nn.Module):
-    """Adapts encoder + decoder to the streaming protocol that monolithic models implement natively."""
+class ScdModel(StreamingModel):
+    """An SCD encoder + frame decoder behind the streaming protocol."""
 
     def __init__(self, encoder: CausalEncoder, decoder: FrameDecoder):
         super().__init__()
-        self.encoder, self.decoder = encoder, decoder
+        if encoder.contract != decoder.contract:
+            raise ValueError(f"encoder emits {encoder.contract}, decoder expects {decoder.contract}")
+        self.encoder, self.decoder, self.frame = encoder, decoder, encoder.frame
         self.staged = isinstance(decoder, StagedDecoder)
 
-    def new_state(self, batch: int, max_frames: int) -> EncoderState:
-        state = self.encoder.new_state(batch, max_frames)
-        state.cond = None  # the last frame's conditioning, projected by the decoder when it is staged
-        if self.staged:
-            state.time_terms = self.decoder.time_terms  # until prepare() tabulates them
-        return state
-
-    def prepare(self, state: EncoderState, times: Tensor) -> None:
-        """The sampling times of this generation, before its first step (see ``VideoModel.prepare``)."""
-        if self.staged:
-            state.time_terms = TimeTable(self.decoder.time_terms, times)
-
-    def observe(self, state: EncoderState, patches: Tensor) -> None:
-        cond, _ = self.encoder.step(state, patches)
-        state.cond = self.decoder.condition(cond[:, -1]) if self.staged else cond[:, -1]
-
-    def predict(self, state: EncoderState, x_t: Tensor, t: Tensor) -> Tensor:
-        if self.staged:
-            return self.decoder.denoise(x_t, state.cond, state.time_terms(t))
-        return self.decoder(x_t, t, state.cond)
-
-
-@dataclass
-class Pipeline:
-    """Everything needed to train or sample: components, scheduler, frame geometry."""
-
-    name: str
-    scheduler: NoiseScheduler
-    frame: FrameSpec
-    encoder: CausalEncoder | None = None
-    decoder: FrameDecoder | None = None
-    model: VideoModel | None = None
-    stream: nn.Module = field(init=False)
-    attention: str = ""  # the attention backend Registry.build chose, and why ("" when built directly)
-
-    def __post_init__(self) -> None:
-        if self.model is None:
-            if self.encoder.contract != self.decoder.contract:
-                raise ValueError(f"encoder emits {self.encoder.contract}, decoder expects {self.decoder.contract}")
-            self.stream = ScdStream(self.encoder, self.decoder)
-        else:
-            self.stream = self.model
-
     @property
-    def modules(self) -> dict[str, nn.Module]:
-        """The trainable components by role; what a checkpoint directory holds."""
-        if self.model is not None:
-            return {"model": self.model}
+    def components(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "decoder": self.decoder}
 
-    def parameters(self):
-        return [p for m in self.modules.values() for p in m.parameters()]
-
-    def train(self, mode: bool = True) -> Pipeline:
-        for m in self.modules.values():
-            m.train(mode)
-        return self
-
-    def loss(self, video: Tensor, recipe: Recipe, generator: torch.Generator | None = None) -> Tensor:
-        """Diffusion loss on a batch of clips [b f c H W] in [0, 1]; every frame but the first is a target."""
-        x0 = patchify(to_model_range(video), self.frame)
-        if self.model is not None:
-            return self._monolithic_loss(x0, generator)
-        return self._scd_loss(x0, recipe, generator)
-
-    def _scd_loss(self, x0: Tensor, recipe: Recipe, generator: torch.Generator | None) -> Tensor:
+    def loss(self, x0: Tensor, conditioning: Conditioning, scheduler: NoiseScheduler, recipe: Recipe,
+             generator: torch.Generator | None = None) -> Tensor:
         b, f = x0.shape[:2]
         context = x0
         if recipe.context_noise > 0:  # mild noise on the encoder input for robustness to its own samples
-            noisy_clip = torch.rand(b, generator=generator) >= recipe.clean_context_ratio
-            level = torch.rand(b, f, generator=generator) * recipe.context_noise * noisy_clip[:, None]
-            context = self.scheduler.add_noise(x0, torch.randn(x0.shape, generator=generator), level)
-        cond = self.encoder(context)[:, :-1]  # frame i is conditioned on the encoder output of frame i-1
+            noisy_clip = torch.rand(b, generator=generator, device=x0.device) >= recipe.clean_context_ratio
+            level = torch.rand(b, f, generator=generator, device=x0.device) * recipe.context_noise * noisy_clip[:, None]
+            context = scheduler.add_noise(x0, noise_like(x0, generator), level)
+        cond = self.encoder(context, **given(self.encoder, conditioning))[:, :-1]  # frame i is decoded from frame i-1
         if recipe.cond_noise > 0:
-            cond = cond + recipe.cond_noise * torch.randn(cond.shape, generator=generator)
-        targets = x0[:, 1:]
+            cond = cond + recipe.cond_noise * noise_like(cond, generator)
         # several noise draws reuse one encoder pass: stack them along the batch axis
-        cond = rearrange(cond, "b f n d -> (b f) n d").repeat(recipe.noise_draws, 1, 1)
-        targets = rearrange(targets, "b f n p -> (b f) n p").repeat(recipe.noise_draws, 1, 1)
-        t = self.scheduler.sample_timesteps((targets.shape[0],), generator=generator)
-        noise = torch.randn(targets.shape, generator=generator)
-        prediction = self.decoder(self.scheduler.add_noise(targets, noise, t), t, cond)
-        return (prediction - self.scheduler.training_target(targets, noise, t)).pow(2).mean()
+        draws = recipe.noise_draws
+        cond = rearrange(cond, "b f n d -> (b f) n d").repeat(draws, 1, 1)
+        targets = rearrange(x0[:, 1:], "b f n p -> (b f) n p").repeat(draws, 1, 1)
+        per_frame = conditioning.frames(0, f - 1).per_frame(f - 1).repeat(draws)  # the action at frame i-1
+        t = scheduler.sample_timesteps((targets.shape[0],), generator=generator, device=x0.device)
+        noise = noise_like(targets, generator)
+        prediction = self.decoder(scheduler.add_noise(targets, noise, t), t, cond, **given(self.decoder, per_frame))
+        return scheduler.training_loss(prediction, targets, noise, t).mean()
 
-    def _monolithic_loss(self, x0: Tensor, generator: torch.Generator | None) -> Tensor:
+    def new_state(self, batch: int, max_frames: int, conditioning: Conditioning) -> EncoderState:
+        state = self.encoder.new_state(batch, max_frames)
+        state.cond = None  # the last frame's conditioning, projected by the decoder when it is staged
+        state.decoder_conditioning = Conditioning(labels=conditioning.labels)
+        state.table = None  # the decoder's time terms for this generation's times
+        return state
+
+    def prepare(self, state: EncoderState, times: list[float]) -> None:
+        if not self.staged or self.decoder.accepts.actions:  # terms that change per frame are not tabulated
+            return
+        labels = state.decoder_conditioning.labels
+        uses_labels = labels is not None and self.decoder.accepts.classes
+        rows = labels.shape[0] if uses_labels else 1
+        tiled = given(self.decoder, Conditioning(labels=labels.repeat(len(times)) if uses_labels else None))
+        device = next(self.decoder.parameters()).device
+        state.table = TimeTable(lambda t: self.decoder.time_terms(t, **tiled), times, device, rows)
+
+    def observe(self, state: EncoderState, patches: Tensor, conditioning: Conditioning) -> None:
+        cond, _ = self.encoder.step(state, patches, **given(self.encoder, conditioning))
+        state.cond = self.decoder.condition(cond[:, -1]) if self.staged else cond[:, -1]
+        last = conditioning.frames(patches.shape[1] - 1)  # what was done at the newest frame shapes the next
+        state.decoder_conditioning = Conditioning(conditioning.labels,
+                                                  None if last.actions is None else last.actions[:, 0])
+
+    def compile_steps(self, **options) -> None:
+        # the decoder itself, not predict: predict looks the time up by value, which would recompile per time
+        self.decoder.forward = torch.compile(self.decoder.forward, **options)
+        if self.staged:
+            self.decoder.denoise = torch.compile(self.decoder.denoise, **options)
+        self.encoder.step = torch.compile(self.encoder.step, **options)
+
+    def predict(self, state: EncoderState, x_t: Tensor, t: float | Tensor) -> Tensor:
+        extra = given(self.decoder, state.decoder_conditioning)
+        if not self.staged:
+            return self.decoder(x_t, time_batch(t, x_t), state.cond, **extra)
+        terms = state.table.get(t) if state.table is not None and not isinstance(t, Tensor) else None
+        if terms is None:
+            terms = self.decoder.time_terms(time_batch(t, x_t), **extra)
+        return self.decoder.denoise(x_t, state.cond, terms)
+
+
+class MonolithicModel(StreamingModel):
+    """A monolithic ``VideoModel`` (e.g. the causal-DiT baseline) behind the streaming protocol,
+    trained by teacher forcing: every frame but the first is a target, at its own noise time."""
+
+    def __init__(self, model: VideoModel):
+        super().__init__()
+        self.model, self.frame = model, model.frame
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def loss(self, x0: Tensor, conditioning: Conditioning, scheduler: NoiseScheduler, recipe: Recipe,
+             generator: torch.Generator | None = None) -> Tensor:
         b, f = x0.shape[:2]
-        t = self.scheduler.sample_timesteps((b, f), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        prediction = self.model(x0, self.scheduler.add_noise(x0, noise, t), t)
-        target = self.scheduler.training_target(x0, noise, t)
-        return (prediction - target)[:, 1:].pow(2).mean()
+        t = scheduler.sample_timesteps((b, f), generator=generator, device=x0.device)
+        noise = noise_like(x0, generator)
+        prediction = self.model(x0, scheduler.add_noise(x0, noise, t), t, **given(self.model, conditioning))
+        return scheduler.training_loss(prediction, x0, noise, t)[:, 1:].mean()
+
+    def new_state(self, batch: int, max_frames: int, conditioning: Conditioning) -> EncoderState:
+        state = self.model.new_state(batch, max_frames)
+        state.labels = Conditioning(labels=conditioning.labels)
+        return state
+
+    def prepare(self, state: EncoderState, times: list[float]) -> None:
+        self.model.prepare(state, times)
+
+    def observe(self, state: EncoderState, patches: Tensor, conditioning: Conditioning) -> None:
+        self.model.observe(state, patches, **given(self.model, conditioning))
+
+    def predict(self, state: EncoderState, x_t: Tensor, t: float | Tensor) -> Tensor:
+        return self.model.predict(state, x_t, time_batch(t, x_t), **given(self.model, state.labels))
+
+    def compile_steps(self, **options) -> None:
+        self.model.predict = torch.compile(self.model.predict, **options)
+        self.model.observe = torch.compile(self.model.observe, **options)
+
+
+#: The roles a pipeline may have, one set per kind; :func:`assemble` turns each into its model.
+ROLE_SETS = (frozenset({"encoder", "decoder"}), frozenset({"model"}))
+
+
+def assemble(components: dict[str, nn.Module]) -> StreamingModel:
+    """The streaming model for components by role: the one place that tells SCD from monolithic."""
+    roles = frozenset(components)
+    if roles == ROLE_SETS[0]:
+        return ScdModel(components["encoder"], components["decoder"])
+    if roles == ROLE_SETS[1]:
+        return MonolithicModel(components["model"])
+    raise ValueError(f"a pipeline has an encoder and a decoder (SCD) or a model (monolithic), got {sorted(roles)}")
+
+
+class Pipeline(nn.Module):
+    """A streaming model, its scheduler and frame geometry: everything needed to train or sample.
+
+    ``autocast_dtype`` (None, ``torch.bfloat16`` or ``torch.float16``) runs the loss and generation
+    under autocast on the pipeline's device; the weights keep their own dtype.
+    """
+
+    def __init__(self, name: str, scheduler: NoiseScheduler, frame: FrameSpec, model: StreamingModel,
+                 attention: str = ""):
+        super().__init__()
+        self.name, self.scheduler, self.frame, self.model = name, scheduler, frame, model
+        self.attention = attention  # the attention backend Registry.build chose, and why ("" when built directly)
+        self.autocast_dtype: torch.dtype | None = None
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        """The trained components by role; what a checkpoint directory holds (``role.safetensors``)."""
+        return self.model.components
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A seeded random generator on the pipeline's device."""
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def set_precision(self, precision: str) -> None:
+        """``fp32`` (no autocast), ``bf16`` or ``fp16`` autocast (``scdkit.device.check_precision`` says
+        whether this device supports it)."""
+        self.autocast_dtype = AUTOCAST_DTYPES[precision]
+
+    def compile_streaming(self, **options) -> None:
+        """``torch.compile`` the per-step network call (the SCD decoder, or the monolithic model's step)
+        and the per-frame context step (the encoder step); ``options`` go to ``torch.compile``. The first
+        generation afterwards pays the compilation."""
+        self.model.compile_steps(**options)
+
+    def check_conditioning(self, batch: Batch, frames: int) -> None:
+        """A ValueError naming what this pipeline needs and the batch lacks (``frames``: actions needed)."""
+        accepts = self.model.accepts
+        if accepts.classes and batch.labels is None:
+            raise ValueError(f"pipeline {self.name!r} is class-conditioned: give labels [b] with the video")
+        if accepts.actions:
+            have = 0 if batch.actions is None else batch.actions.shape[1]
+            if have < frames:
+                raise ValueError(f"pipeline {self.name!r} is action-conditioned: give actions for {frames} frames "
+                                 f"([b {frames} {accepts.actions}]), got {have}")
+
+    def loss(self, batch: Batch | Tensor, recipe: Recipe | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        """Diffusion loss on a batch of clips [b f c H W] in [0, 1]; every frame but the first is a target."""
+        batch = as_batch(batch).to(self.device, self.dtype)
+        self.check_conditioning(batch, batch.video.shape[1])
+        x0 = patchify(to_model_range(batch.video), self.frame)
+        with self.autocast():
+            return self.model.loss(x0, batch.conditioning, self.scheduler, recipe or Recipe(), generator)
 
     @torch.no_grad()
-    def generate(self, context: Tensor, frames: int, steps: int | None = None,
+    def generate(self, context: Batch | Tensor, frames: int, steps: int | None = None,
                  generator: torch.Generator | None = None) -> Generation:
         """Stream ``frames`` new frames after ``context`` [b k c H W] (pixels in [0, 1]).
 
-        Prefill the context once, then per frame: T decoder steps from noise, and the new
-        clean frame enters the context (one encoder step for SCD).
+        Prefill the context once, then per frame: the scheduler's steps from noise, and the new
+        clean frame enters the context (one encoder step for SCD). An action-conditioned pipeline
+        needs the context's actions for the k + frames - 1 frames that enter the context.
         """
+        batch = as_batch(context).to(self.device, self.dtype)
+        b, k = batch.video.shape[:2]
+        self.check_conditioning(batch, k + frames - 1)
         self.train(False)
-        b, k = context.shape[:2]
-        times = self.scheduler.timesteps(steps)
-        schedule = list(zip(times[:-1].tolist(), times[1:].tolist()))
-        state = self.stream.new_state(b, k + frames)
-        started = time.perf_counter()
-        self.stream.prepare(state, times[:-1])
-        self.stream.observe(state, patchify(to_model_range(context), self.frame))
+        device = self.device
+        times = self.scheduler.begin(steps, device).times  # checks ``steps`` before any work
         shape = (b, self.frame.tokens, self.frame.patch_dim)
-        t_batch = torch.empty(b)
-        outputs, stamps, observed = [], [], []
-        for i in range(frames):
-            x = torch.randn(shape, generator=generator)
-            for t, t_next in schedule:
-                x = self.scheduler.step(self.stream.predict(state, x, t_batch.fill_(t)), t, t_next, x)
-            outputs.append(x)
-            stamps.append(time.perf_counter())
-            if i + 1 < frames:
-                self.stream.observe(state, x[:, None])
-                observed.append(time.perf_counter())
+        with self.autocast():
+            state = self.model.new_state(b, k + frames, batch.conditioning)
+            started = time.perf_counter()
+            self.model.prepare(state, times[:-1])
+            self.model.observe(state, patchify(to_model_range(batch.video), self.frame), batch.conditioning.frames(0, k))
+            outputs, stamps, observed = [], [], []
+            for i in range(frames):
+                x = torch.randn(shape, generator=generator, device=device, dtype=self.dtype)
+                sampling = self.scheduler.begin(steps, device)  # a fresh solver state per frame
+                for t in times[:-1]:
+                    x = self.scheduler.step(sampling, self.model.predict(state, x, t), x, generator)
+                outputs.append(x)
+                stamps.append(synchronize(device))
+                if i + 1 < frames:
+                    self.model.observe(state, x[:, None], batch.conditioning.frames(k + i, k + i + 1))
+                    observed.append(synchronize(device))
         video = to_pixel_range(unpatchify(torch.stack(outputs, dim=1), self.frame))
         return Generation(video, started, stamps, observed)
 
@@ -203,6 +296,7 @@ class Generation:
     started: float
     stamps: list[float]  # wall-clock time at which each frame was ready
     observed: list[float] = field(default_factory=list)  # ... and at which it had entered the context
+    warmup_s: float | None = None  # the untimed warm-up run before it (compilation included), when timed
 
     @property
     def denoise_s(self) -> list[float]:
@@ -221,5 +315,5 @@ class Generation:
     @property
     def per_frame_s(self) -> float:
         """Median of :attr:`frame_gaps_s`."""
-        gaps = torch.tensor(self.frame_gaps_s)
-        return float(gaps.median()) if len(gaps) else self.first_frame_s
+        gaps = self.frame_gaps_s
+        return statistics.median(gaps) if gaps else self.first_frame_s

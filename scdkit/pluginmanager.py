@@ -9,7 +9,6 @@ for a name it would have provided.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -23,13 +22,33 @@ import pluggy
 
 import scdkit
 from scdkit import hookspecs
-from scdkit.errors import PluginError
+from scdkit.errors import PluginError, did_you_mean
 
 ENTRY_POINT_GROUP = "scdkit"
-KINDS = ("encoders", "decoders", "schedulers", "models", "attention_backends")
-BUILTIN_PACKAGES = ("scdkit.plugins.encoders", "scdkit.plugins.decoders", "scdkit.plugins.schedulers",
-                    "scdkit.plugins.models")
-BUILTIN_MODULES = ("scdkit.nn.attention",)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of plugin: ``name`` is its registration hook's suffix (``scdkit_register_<name>``), its
+    catalog key and, for configured components, its registry table (``[<name>.NAME]``)."""
+
+    name: str
+    singular: str
+    builtins: str  # the package (or module) of the built-in plugins
+    configured: bool = True  # named and configured in registry tables
+
+
+#: The one table of plugin kinds.
+KIND_TABLE = (
+    Kind("encoders", "encoder", "scdkit.plugins.encoders"),
+    Kind("decoders", "decoder", "scdkit.plugins.decoders"),
+    Kind("schedulers", "scheduler", "scdkit.plugins.schedulers"),
+    Kind("models", "model", "scdkit.plugins.models"),
+    Kind("attention_backends", "attention backend", "scdkit.nn.attention", configured=False),
+)
+KINDS = tuple(kind.name for kind in KIND_TABLE)
+COMPONENT_KINDS = tuple(kind.name for kind in KIND_TABLE if kind.configured)
+SINGULAR = {kind.name: kind.singular for kind in KIND_TABLE}
 
 
 @dataclass(frozen=True)
@@ -67,13 +86,8 @@ class Catalog:
             raise PluginError(self.unknown_message(kind, name)) from None
 
     def unknown_message(self, kind: str, name: str) -> str:
-        singular = kind.rstrip("s").replace("_", " ")
-        message = f"unknown {singular} plugin {name!r}"
-        close = difflib.get_close_matches(name, self.names(kind), n=3)
-        if close:
-            message += f"; did you mean {', '.join(map(repr, close))}?"
-        else:
-            message += f"; registered: {', '.join(self.names(kind)) or 'none'}"
+        message = f"unknown {SINGULAR[kind]} plugin {name!r}"
+        message += did_you_mean(name, self.names(kind)) or f"; registered: {', '.join(self.names(kind)) or 'none'}"
         if self.broken:
             message += "; broken plugins that might provide it: " + ", ".join(b.provider for b in self.broken)
         return message
@@ -86,13 +100,16 @@ def _make_plugin_manager() -> pluggy.PluginManager:
 
 
 def _builtin_modules() -> list[str]:
-    names = list(BUILTIN_MODULES)
-    for package in BUILTIN_PACKAGES:
+    names = []
+    for kind in KIND_TABLE:
         try:
-            pkg = importlib.import_module(package)
+            module = importlib.import_module(kind.builtins)
         except ModuleNotFoundError:
             continue
-        names += [f"{package}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+        if not hasattr(module, "__path__"):  # a module of built-ins, not a package of them
+            names.append(kind.builtins)
+            continue
+        names += [f"{kind.builtins}.{m.name}" for m in pkgutil.iter_modules(module.__path__) if not m.name.startswith("_")]
     return names
 
 
@@ -163,7 +180,7 @@ def _register_from(pm: pluggy.PluginManager, plugin: Any, provider: str, version
                 existing = catalog.components[kind].get(reg.name)
                 if existing is not None and existing.provider != reg.provider:
                     catalog.conflicts[kind, reg.name] = (
-                        f"{kind.rstrip('s')} {reg.name!r} is provided twice: by {existing.provider} and by {reg.provider}"
+                        f"{SINGULAR[kind]} {reg.name!r} is provided twice: by {existing.provider} and by {reg.provider}"
                     )
                     catalog.broken.append(BrokenPlugin(reg.provider, reg.version, catalog.conflicts[kind, reg.name]))
                     continue

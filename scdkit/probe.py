@@ -1,15 +1,19 @@
-"""`scdkit probe`: the paper's two regularities, measured on a monolithic causal-DiT baseline.
+"""`scdkit probe`: the paper's two regularities, measured on any pipeline through its own streaming loop.
 
-While the model denoises the frame after a clean context, at every denoising step and every layer:
+While the pipeline denoises the frame after a clean context, at every denoising step, for every
+DiT block that runs in ``predict`` (every layer of a causal-DiT baseline; the decoder's layers of
+an SCD pipeline):
 
 - the block output for that frame's tokens, giving per layer a cosine-similarity matrix across
   denoising steps [T T] (summary: mean off-diagonal similarity). High similarity means the layer
   computes nearly the same features at every step: work an SCD encoder would do once per frame.
-- the share of the attention mass that the frame's queries put on past-frame keys (the rest
-  goes to the frame itself). Low shares in deep layers mean they barely look across frames.
+- the share of the attention mass that the frame's queries put on keys other than the frame's own
+  tokens: past frames for the baseline, the previous frame's conditioning tokens for an SCD
+  decoder. Low shares in deep layers mean they barely look across frames.
 
-The probe walks the model's blocks itself (recomputing q and k for the attention weights), so
-the model's own ``predict`` carries no inspection code; a test checks both paths agree.
+Nothing is re-implemented: the probe runs the pipeline's own ``predict`` with a forward hook on each
+block and a recording wrapper around each block's attention function, so what it measures is
+exactly what generation computes.
 
 Axis legend: b batch (clips) · h heads · n tokens per frame · d width · L keys · T denoising steps.
 """
@@ -21,15 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from scdkit.checkpoint import read_metadata
 from scdkit.errors import UsageError
 from scdkit.evaluate import held_out_clips
 from scdkit.figures import save_png
-from scdkit.interfaces import VideoModel
+from scdkit.files import write_text_atomic
+from scdkit.interfaces import Batch
 from scdkit.nn.attention import attention_weights
-from scdkit.nn.dit import modulate
+from scdkit.nn.dit import DiTBlock
 from scdkit.pipeline import Pipeline, patchify, to_model_range
 
 
@@ -79,36 +85,73 @@ def _rounded(t: Tensor, digits: int = 4):
     return torch.round(t.double(), decimals=digits).tolist()
 
 
+class Recorder:
+    """While active: each DiT block's output for the frame's last ``tokens`` tokens, and the attention
+    share its frame queries put on keys other than the frame's own (the last ``tokens`` keys)."""
+
+    def __init__(self, blocks: list[DiTBlock], tokens: int):
+        self.blocks, self.tokens = blocks, tokens
+        self.features: dict[int, list[Tensor]] = {}
+        self.past: dict[int, list[float]] = {}
+        self.current: dict[int, list[float]] = {}
+
+    def __enter__(self) -> Recorder:
+        self.hooks = [block.register_forward_hook(self._feature_hook(i)) for i, block in enumerate(self.blocks)]
+        self.attend = [block.attend for block in self.blocks]
+        for i, block in enumerate(self.blocks):
+            block.attend = self._recording(i, block.attend)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for block, attend in zip(self.blocks, self.attend):
+            block.attend = attend
+
+    def _feature_hook(self, i: int):
+        def hook(module, inputs, output):
+            self.features.setdefault(i, []).append(output[:, -self.tokens:].flatten(1).float())
+        return hook
+
+    def _recording(self, i: int, attend):
+        n = self.tokens
+
+        def recording(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+            rows = None if mask is None else mask[-n:]
+            weights = attention_weights(q[:, :, -n:].float(), k.float(), rows)  # [b h n L]
+            self.past.setdefault(i, []).append(float(weights[..., :-n].sum(dim=-1).mean()))
+            self.current.setdefault(i, []).append(float(weights[..., -n:].sum(dim=-1).mean()))
+            return attend(q, k, v, mask)
+        return recording
+
+
 @torch.no_grad()
-def probe_model(model: VideoModel, scheduler, context: Tensor, steps: int | None = None,
-                generator: torch.Generator | None = None) -> ProbeResult:
-    """Denoise the frame after ``context`` (patches [b k n p]) and record every layer at every step."""
-    if not all(hasattr(model, a) for a in ("blocks", "noisy_inputs")):
-        raise UsageError(f"{model.plugin_name} does not expose its DiT blocks; probe needs a causal-DiT-style model")
-    model.eval()
-    b, k, n, p = context.shape
-    state = model.new_state(b, k + 1)
-    model.observe(state, context)
-    past = state.caches[0].length  # keys of the clean context, the same in every layer
-    times = scheduler.timesteps(steps).tolist()
-    features = [[] for _ in model.blocks]
-    past_share = torch.zeros(len(model.blocks), len(times) - 1)
-    current_share = torch.zeros_like(past_share)
-    x = torch.randn(b, n, p, generator=generator)
-    for s, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-        h, cond, rope = model.noisy_inputs(state, x, torch.full((b,), t))
-        for i, (block, slot) in enumerate(zip(model.blocks, state.scratch)):
-            mod = block.modulation(cond)
-            q, k_new, _ = block.qkv_heads(modulate(block.norm1(h), mod[0], mod[1]), rope)
-            keys = torch.cat([state.caches[i].keys[:, :, :past], k_new], dim=2)  # probe-only copy
-            weights = attention_weights(q, keys)  # [b h n L]
-            past_share[i, s] = weights[..., :past].sum(dim=-1).mean()
-            current_share[i, s] = weights[..., past:].sum(dim=-1).mean()
-            h = block(h, cond, rope, cache=slot, modulation=mod)
-            features[i].append(h.flatten(1))
-        x = scheduler.step(model.final(h, cond), t, t_next, x)
-    similarity = torch.stack([_cosine_matrix(torch.stack(f, dim=1)) for f in features])
-    return ProbeResult(similarity, past_share, current_share, x, context=k, clips=b)
+def probe_pipeline(pipeline: Pipeline, context: Batch, steps: int | None = None,
+                   generator: torch.Generator | None = None) -> ProbeResult:
+    """Denoise the frame after ``context`` (its video [b k c H W] is the context) with the pipeline's own
+    streaming protocol, recording every block that runs in ``predict`` at every step."""
+    model, device = pipeline.model, pipeline.device
+    batch = context.to(device, pipeline.dtype)
+    b, k = batch.video.shape[:2]
+    pipeline.train(False)
+    times = pipeline.scheduler.begin(steps, device).times
+    blocks = [m for m in model.modules() if isinstance(m, DiTBlock)]
+    recorder = Recorder(blocks, pipeline.frame.tokens)
+    with pipeline.autocast():
+        state = model.new_state(b, k + 1, batch.conditioning)
+        model.prepare(state, times[:-1])
+        model.observe(state, patchify(to_model_range(batch.video), pipeline.frame), batch.conditioning.frames(0, k))
+        x = torch.randn(b, pipeline.frame.tokens, pipeline.frame.patch_dim, generator=generator, device=device,
+                        dtype=pipeline.dtype)
+        sampling = pipeline.scheduler.begin(steps, device)
+        with recorder:
+            for t in times[:-1]:
+                x = pipeline.scheduler.step(sampling, model.predict(state, x, t), x, generator)
+    layers = sorted(recorder.features)  # the blocks that ran in predict, in model order
+    similarity = torch.stack([_cosine_matrix(torch.stack(recorder.features[i], dim=1)).cpu() for i in layers])
+    past = torch.tensor([recorder.past[i] for i in layers])
+    current = torch.tensor([recorder.current[i] for i in layers])
+    return ProbeResult(similarity, past, current, x, context=k, clips=b)
 
 
 def _cosine_matrix(features: Tensor) -> Tensor:
@@ -117,24 +160,29 @@ def _cosine_matrix(features: Tensor) -> Tensor:
     return (unit @ unit.transpose(1, 2)).mean(dim=0)
 
 
-def load_probe_pipeline(registry, name: str, checkpoint: str | Path | None = None) -> tuple[Pipeline, int]:
-    """Build a monolithic pipeline with its trained weights; returns it with the training step."""
-    entry = registry.pipelines.get(name)  # an unknown name gets the registry's own error from build()
-    if entry is not None and entry.model is None:
-        raise UsageError(f"pipeline {name!r} is an SCD pipeline; probe needs a monolithic one (model = ...), "
-                         "e.g. --pipeline baseline-digits")
-    if entry is not None and checkpoint is None and entry.checkpoint is None:
+def load_probe_pipeline(registry, name: str, checkpoint: str | Path | None = None,
+                        **build_options) -> tuple[Pipeline, int]:
+    """Build a pipeline with its trained weights; returns it with the training step. ``build_options``
+    (attention, device, precision) go to ``Registry.build``."""
+    if checkpoint is None and name in registry.pipelines and registry.checkpoint_dir(name) is None:
         raise UsageError(f"pipeline {name!r} has no checkpoint directory; pass --checkpoint DIR")
-    pipeline = registry.build(name, checkpoint=checkpoint)
+    pipeline = registry.build(name, checkpoint=checkpoint, **build_options)
     directory = Path(checkpoint) if checkpoint else registry.checkpoint_dir(name)
-    return pipeline, int(read_metadata(directory / "model.safetensors").get("step", 0))
+    role = next(iter(pipeline.components))
+    return pipeline, int(read_metadata(directory / f"{role}.safetensors").get("step", 0))
 
 
-def run_probe(pipeline: Pipeline, data: str, context: int = 4, steps: int | None = None, clips: int = 8,
-              seed: int = 0) -> ProbeResult:
-    video = held_out_clips(pipeline, data, clips, context, seed)
-    patches = patchify(to_model_range(video), pipeline.frame)
-    return probe_model(pipeline.model, pipeline.scheduler, patches, steps, torch.Generator().manual_seed(seed))
+class ProbeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    context: int = Field(4, ge=1, description="clean context frames before the probed frame")
+    steps: int | None = Field(None, ge=1, description="sampling steps (default: the scheduler's)")
+    clips: int = Field(8, ge=1, description="held-out clips averaged over")
+    seed: int = Field(0, description="seed of the held-out clips and the noise")
+
+
+def run_probe(pipeline: Pipeline, data: str, config: ProbeConfig = ProbeConfig()) -> ProbeResult:
+    batch = held_out_clips(pipeline, data, config.clips, config.context + 1, config.seed).context(config.context)
+    return probe_pipeline(pipeline, batch, config.steps, pipeline.generator(config.seed))
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -177,7 +225,4 @@ def plot_probe(result: ProbeResult, out: Path, title: str = "") -> dict[str, str
 
 
 def write_json(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(payload, indent=1))

@@ -16,24 +16,25 @@ was expected, with close-match suggestions.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
 
 from scdkit.backends import DEFAULT as DEFAULT_ATTENTION
 from scdkit.backends import choose_attention_backend, known_backends, use_attention_backend
-from scdkit.checkpoint import load_component
-from scdkit.errors import CheckpointError, RegistryError
+from scdkit.checkpoint import checkpoint_problems, load_component, read_metadata
+from scdkit.data import DATASETS
+from scdkit.errors import CheckpointError, RegistryError, did_you_mean
 from scdkit.interfaces import FrameSpec
-from scdkit.pipeline import Pipeline
-from scdkit.pluginmanager import Catalog, load_catalog
+from scdkit.pipeline import ROLE_SETS, Pipeline, assemble
+from scdkit.pluginmanager import COMPONENT_KINDS, SINGULAR, Catalog, load_catalog
 
-COMPONENT_KINDS = ("encoders", "decoders", "schedulers", "models")
 TOP_LEVEL = ("scdkit", *COMPONENT_KINDS, "pipelines")
 
 
@@ -65,6 +66,11 @@ class PipelineEntry(BaseModel):
     def frame(self) -> FrameSpec:
         return FrameSpec(channels=self.channels, height=self.height, width=self.width, patch_size=self.patch_size)
 
+    @property
+    def roles(self) -> dict[str, str]:
+        """The trained components by role (``encoder``/``decoder`` or ``model``) and their registry names."""
+        return {role: getattr(self, role) for role in ("encoder", "decoder", "model") if getattr(self, role)}
+
 
 @dataclass
 class ComponentEntry:
@@ -91,39 +97,53 @@ class Registry:
         entry = self.pipelines[pipeline]
         return None if entry.checkpoint is None else (self.path.parent / entry.checkpoint)
 
-    def build_component(self, kind: str, name: str, frame: FrameSpec, **extra):
-        entry = self.components[kind][name]
-        if kind == "schedulers":
-            return entry.cls(entry.config)
-        return entry.cls(entry.config, frame, **extra)
+    def entry(self, pipeline: str) -> PipelineEntry:
+        if pipeline not in self.pipelines:
+            raise RegistryError([f"{self.path}: unknown pipeline {pipeline!r}{did_you_mean(pipeline, self.pipelines)}"])
+        return self.pipelines[pipeline]
 
-    def build(self, pipeline: str, load: bool = True, encoder: str | None = None,
-              attention: str | None = None, checkpoint: str | Path | None = None) -> Pipeline:
-        """Build a pipeline (optionally with another registry encoder), loading its checkpoint.
+    def build_component(self, kind: str, name: str, frame: FrameSpec, overrides: dict | None = None, **extra):
+        """Component ``name`` of ``kind`` for ``frame``; ``overrides`` replace fields of its config."""
+        entry = self.components[kind][name]
+        config = entry.cls.config_class(**(entry.config.model_dump() | overrides)) if overrides else entry.config
+        if kind == "schedulers":
+            return entry.cls(config)
+        return entry.cls(config, frame, **extra)
+
+    def build_components(self, pipeline: str, encoder: str | None = None,
+                         overrides: dict | None = None) -> dict[str, nn.Module]:
+        """The pipeline's trained components by role, freshly initialised (``encoder``: another registry
+        encoder in the encoder role; ``overrides``: config fields replaced in each, e.g. a narrower width).
+        A decoder is built for the contract of the encoder beside it."""
+        entry = self.entry(pipeline)
+        if encoder is not None and encoder not in self.components["encoders"]:
+            raise RegistryError([f"{self.path}: unknown encoder {encoder!r}{did_you_mean(encoder, self.components['encoders'])}"])
+        names = entry.roles | ({"encoder": encoder} if encoder is not None and "encoder" in entry.roles else {})
+        built: dict[str, nn.Module] = {}
+        for role in sorted(names, key=lambda r: r != "encoder"):  # the encoder first: its contract shapes the decoder
+            extra = {"cond": built["encoder"].contract} if role == "decoder" else {}
+            try:
+                built[role] = self.build_component(f"{role}s", names[role], entry.frame, overrides, **extra)
+            except (ValueError, TypeError) as exc:
+                raise BuildError(role, f"{role} {names[role]!r} cannot be built for this pipeline: {exc}") from exc
+        return built
+
+    def build(self, pipeline: str, load: bool = True, encoder: str | None = None, attention: str | None = None,
+              checkpoint: str | Path | None = None, device: torch.device | str = "cpu",
+              precision: str = "fp32") -> Pipeline:
+        """Build a pipeline (optionally with another registry encoder), load its checkpoint, move it to
+        ``device`` and choose its attention backend for that device and ``precision``.
 
         ``attention`` (the --attention flag) wins over $SCDKIT_ATTENTION, then [scdkit].attention.
         ``checkpoint`` (a directory) replaces the pipeline's own, e.g. a run trained with ``--out``.
         """
-        if pipeline not in self.pipelines:
-            raise RegistryError([f"{self.path}: unknown pipeline {pipeline!r}{_suggest(pipeline, self.pipelines)}"])
-        if encoder is not None and encoder not in self.components["encoders"]:
-            raise RegistryError([f"{self.path}: unknown encoder {encoder!r}{_suggest(encoder, self.components['encoders'])}"])
-        entry = self.pipelines[pipeline]
-        frame = entry.frame
-        scheduler = self.build_component("schedulers", entry.scheduler, frame)
-        if entry.model is not None:
-            result = Pipeline(pipeline, scheduler, frame, model=self.build_component("models", entry.model, frame))
-        else:
-            enc = self.build_component("encoders", encoder or entry.encoder, frame)
-            dec = self.build_component("decoders", entry.decoder, frame, cond=enc.contract)
-            result = Pipeline(pipeline, scheduler, frame, encoder=enc, decoder=dec)
-        backend, source = choose_attention_backend(attention, self.settings.attention)
-        result.attention = use_attention_backend(result, backend, self.catalog, source)
+        entry = self.entry(pipeline)
+        components = self.build_components(pipeline, encoder)
         directory = Path(checkpoint) if checkpoint is not None else self.checkpoint_dir(pipeline)
         if load and directory is not None:
-            if encoder is not None and entry.model is None:
+            if encoder is not None and "encoder" in entry.roles:
                 self.check_same_weights(entry.encoder, encoder)
-            for role, module in result.modules.items():
+            for role, module in components.items():
                 path = directory / f"{role}.safetensors"
                 try:
                     load_component(module, path, role)
@@ -132,8 +152,20 @@ class Registry:
                         raise
                     raise CheckpointError(f"{exc} (pipeline {pipeline!r}); train it with "
                                           f"`scdkit train --pipeline {pipeline}`") from None
+        scheduler = self.build_component("schedulers", entry.scheduler, entry.frame)
+        result = Pipeline(pipeline, scheduler, entry.frame, assemble(components)).to(device)
+        result.set_precision(precision)
+        backend, source = choose_attention_backend(attention, self.settings.attention)
+        result.attention = use_attention_backend(result, backend, self.catalog, source)
         return result
 
+    def dry_build(self, pipeline: str) -> Pipeline:
+        """The pipeline on the meta device: every component constructed and checked, no memory, no weights."""
+        entry = self.entry(pipeline)
+        with torch.device("meta"):
+            components = self.build_components(pipeline)
+            scheduler = self.build_component("schedulers", entry.scheduler, entry.frame)
+            return Pipeline(pipeline, scheduler, entry.frame, assemble(components))
 
     def check_same_weights(self, trained: str, other: str) -> None:
         """Refuse to load encoder ``trained``'s checkpoint into encoder ``other`` unless [scdkit].same_weights
@@ -144,6 +176,44 @@ class Registry:
         differences = ", ".join(_entry_differences(a, b)) or "none"
         raise CheckpointError(f"{self.path}: encoder {other!r} cannot load the checkpoint trained as {trained!r}: "
                               f"not declared in [scdkit].same_weights (differing fields: {differences})")
+
+
+class BuildError(ValueError):
+    """A component that its registry entry cannot build (its constructor refused the frame or contract)."""
+
+    def __init__(self, role: str, message: str):
+        super().__init__(message)
+        self.role = role
+
+
+def validate(registry: Registry) -> list[str]:
+    """Dry-build every pipeline on the meta device and check it against its data set and its checkpoint
+    folder. Raises RegistryError with every problem, each naming file, table and key; returns one note
+    per pipeline with a checkpoint folder (trained at which step, or not trained yet)."""
+    problems, notes = [], []
+    for name, entry in registry.pipelines.items():
+        where = f"{registry.path}: [pipelines.{name}]"
+        try:
+            pipeline = registry.dry_build(name)
+        except BuildError as exc:
+            problems.append(f"{where}.{exc.role}: {exc}")
+            continue
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{where}: cannot be built: {exc}")
+            continue
+        data = DATASETS[entry.data]
+        problems += [f"{where}.{key}: {problem}" for key, problem in data.frame_problems(entry.frame)]
+        for role, component in pipeline.components.items():
+            problems += [f"{where}.data: {role} {entry.roles[role]!r} {problem}"
+                         for problem in component.accepts.unmet_by(data.provides)]
+        directory = registry.checkpoint_dir(name)
+        if directory is not None:
+            found, note = checkpoint_problems(pipeline.components, directory)
+            problems += [f"{where}.checkpoint: {problem}" for problem in found]
+            notes.append(f"pipeline {name}: {note}")
+    if problems:
+        raise RegistryError(problems)
+    return notes
 
 
 def _entry_differences(a: ComponentEntry, b: ComponentEntry, only_shared: bool = False) -> list[str]:
@@ -160,11 +230,6 @@ def _entry_differences(a: ComponentEntry, b: ComponentEntry, only_shared: bool =
     return found + [f"{k} ({x.get(k, 'absent')!r} vs {y.get(k, 'absent')!r})" for k in sorted(keys) if x.get(k) != y.get(k)]
 
 
-def _suggest(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=3)
-    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-
-
 def _format_loc(loc: tuple) -> str:
     return ".".join(str(part) for part in loc)
 
@@ -174,12 +239,12 @@ def _pydantic_problems(where: str, exc: ValidationError, model: type[BaseModel])
     for err in exc.errors():
         key = _format_loc(err["loc"])
         if err["type"] == "extra_forbidden":
-            hint = _suggest(str(err["loc"][0]), model.model_fields) or f"; expected one of: {', '.join(model.model_fields)}"
+            hint = did_you_mean(str(err["loc"][0]), model.model_fields) or f"; expected one of: {', '.join(model.model_fields)}"
             problems.append(f"{where}.{key}: unknown key{hint}")
         elif key:
-            problems.append(f"{where}.{key}: {err['msg']} (got {err.get('input')!r})")
+            problems.append(f"{where}.{key}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
         else:
-            problems.append(f"{where}: {err['msg']}")
+            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return problems
 
 
@@ -210,7 +275,7 @@ def load_registry(path: str | Path, catalog: Catalog | None = None) -> Registry:
     problems: list[str] = []
     for key in raw:
         if key not in TOP_LEVEL:
-            problems.append(f"{path}: [{key}]: unknown table{_suggest(key, TOP_LEVEL)} (expected one of: {', '.join(TOP_LEVEL)})")
+            problems.append(f"{path}: [{key}]: unknown table{did_you_mean(key, TOP_LEVEL)} (expected one of: {', '.join(TOP_LEVEL)})")
 
     try:
         settings = Settings(**raw.get("scdkit", {}))
@@ -230,7 +295,7 @@ def load_registry(path: str | Path, catalog: Catalog | None = None) -> Registry:
             options = dict(table)
             plugin = options.pop("plugin", None)
             if not isinstance(plugin, str):
-                problems.append(f"{where}.plugin: missing (expected a registered {kind[:-1]} name)")
+                problems.append(f"{where}.plugin: missing (expected a registered {SINGULAR[kind]} name)")
                 continue
             try:
                 cls = _resolve_plugin(kind, plugin, settings, catalog)
@@ -255,29 +320,31 @@ def load_registry(path: str | Path, catalog: Catalog | None = None) -> Registry:
             else:
                 problems.append(f"{where}: {exc}")
             continue
-        if (entry.model is None) == (entry.encoder is None or entry.decoder is None):
+        if frozenset(entry.roles) not in ROLE_SETS:
             problems.append(f"{where}: give either encoder and decoder (SCD) or model (monolithic), not both or neither")
             continue
-        refs = [("scheduler", "schedulers"), ("encoder", "encoders"), ("decoder", "decoders"), ("model", "models")]
-        for key, kind in refs:
-            ref = getattr(entry, key)
-            if ref is not None and ref not in registry.components[kind]:
+        for key, ref in {"scheduler": entry.scheduler, **entry.roles}.items():
+            kind = f"{key}s"
+            if ref not in registry.components[kind]:
                 declared = raw.get(kind, {})
                 if ref in declared:
-                    problems.append(f"{where}.{key}: {kind[:-1]} {ref!r} is declared but invalid (see above)")
+                    problems.append(f"{where}.{key}: {key} {ref!r} is declared but invalid (see above)")
                 else:
-                    problems.append(f"{where}.{key}: no [{kind}.{ref}] in this registry{_suggest(ref, declared)}")
+                    problems.append(f"{where}.{key}: no [{kind}.{ref}] in this registry{did_you_mean(ref, declared)}")
+        if entry.data not in DATASETS:
+            problems.append(f"{where}.data: unknown data set {entry.data!r}{did_you_mean(entry.data, DATASETS)} "
+                            f"(known: {', '.join(DATASETS)})")
         registry.pipelines[name] = entry
 
     if not registry.pipelines and not problems:
         problems.append(f"{path}: no [pipelines.*] table: declare at least one pipeline")
     default = settings.default_pipeline
     if default is not None and default not in raw.get("pipelines", {}):
-        problems.append(f"{path}: [scdkit].default_pipeline: no pipeline {default!r}{_suggest(default, raw.get('pipelines', {}))}")
+        problems.append(f"{path}: [scdkit].default_pipeline: no pipeline {default!r}{did_you_mean(default, raw.get('pipelines', {}))}")
     for group in settings.same_weights:
         for name in group:
             if name not in raw.get("encoders", {}):
-                problems.append(f"{path}: [scdkit].same_weights: no encoder {name!r}{_suggest(name, raw.get('encoders', {}))}")
+                problems.append(f"{path}: [scdkit].same_weights: no encoder {name!r}{did_you_mean(name, raw.get('encoders', {}))}")
         entries = [registry.components["encoders"][name] for name in group if name in registry.components["encoders"]]
         for other in entries[1:]:
             differences = _entry_differences(entries[0], other, only_shared=True)
@@ -287,7 +354,7 @@ def load_registry(path: str | Path, catalog: Catalog | None = None) -> Registry:
     known = known_backends(catalog)
     if settings.attention not in known:
         problems.append(f"{path}: [scdkit].attention: unknown attention backend {settings.attention!r}"
-                        f"{_suggest(settings.attention, known) or '; known: ' + ', '.join(known)}")
+                        f"{did_you_mean(settings.attention, known) or '; known: ' + ', '.join(known)}")
     if problems:
         raise RegistryError(problems)
     return registry

@@ -33,9 +33,10 @@ from rich.table import Table
 from scdkit.checkpoint import load_component, read_metadata
 from scdkit.errors import UsageError
 from scdkit.encoder_bench import generation_peak_mb
-from scdkit.evaluate import evaluate_continuation
+from scdkit.evaluate import EvalConfig, evaluate_continuation
 from scdkit.generate import time_streaming
-from scdkit.pipeline import Pipeline, Recipe
+from scdkit.interfaces import Batch, Recipe
+from scdkit.pipeline import Pipeline
 from scdkit.registry import Registry
 
 
@@ -76,59 +77,62 @@ def parse_checkpoints(items: list[str], encoders: list[str]) -> dict[str, Path]:
 
 
 def build_swapped(registry: Registry, pipeline: str, encoder: str, checkpoint: Path | None = None,
-                  attention: str | None = None) -> tuple[Pipeline, str]:
-    """The pipeline with ``encoder`` under its trained decoder, and where the encoder's weights came from."""
+                  **build_options) -> tuple[Pipeline, str]:
+    """The pipeline with ``encoder`` under its trained decoder, and where the encoder's weights came from.
+    ``build_options`` (attention, device, precision) go to ``Registry.build``."""
     directory = registry.checkpoint_dir(pipeline)
     if checkpoint is None:
-        built = registry.build(pipeline, encoder=encoder, attention=attention)
+        built = registry.build(pipeline, encoder=encoder, **build_options)
         trained = registry.pipelines[pipeline].encoder
         return built, "checkpoint" if encoder == trained else f"same as {trained}"
-    built = registry.build(pipeline, load=False, encoder=encoder, attention=attention)
-    load_component(built.decoder, directory / "decoder.safetensors", "decoder")
-    load_component(built.encoder, checkpoint, "encoder")
+    built = registry.build(pipeline, load=False, encoder=encoder, **build_options)
+    load_component(built.components["decoder"], directory / "decoder.safetensors", "decoder")
+    load_component(built.components["encoder"], checkpoint, "encoder")
     return built, str(checkpoint)
 
 
 @torch.no_grad()
-def validation_loss(pipeline: Pipeline, clips: torch.Tensor, seed: int = 0) -> float:
+def validation_loss(pipeline: Pipeline, clips: Batch, seed: int = 0) -> float:
     pipeline.train(False)
-    return pipeline.loss(clips, Recipe(), generator=torch.Generator().manual_seed(seed)).item()
+    return pipeline.loss(clips, Recipe(), generator=pipeline.generator(seed)).item()
 
 
-def stream_cost(pipeline: Pipeline, clip: torch.Tensor, frames: int, steps: int | None) -> tuple[float, float, float]:
+def stream_cost(pipeline: Pipeline, clip: Batch, frames: int, steps: int | None) -> tuple[float, float, float]:
     """(time to first frame s, per-frame s, peak MB) of batch-1 streaming; see the module doc."""
     timed = time_streaming(pipeline, clip, frames, steps)
     return timed.first_frame_s, timed.per_frame_s, generation_peak_mb(pipeline, clip, frames, steps)
 
 
 def swap_eval(registry: Registry, pipeline: str, encoders: list[str], checkpoints: dict[str, Path] | None = None,
-              clips: int = 16, context: int = 4, frames: int = 8, steps: int | None = None, seed: int = 0,
-              attention: str | None = None, progress: Callable[[SwapRow], None] | None = None) -> SwapReport:
-    """Evaluate every encoder in ``encoders`` under ``pipeline``'s trained decoder (see the module doc)."""
+              config: EvalConfig = EvalConfig(), progress: Callable[[SwapRow], None] | None = None,
+              **build_options) -> SwapReport:
+    """Evaluate every encoder in ``encoders`` under ``pipeline``'s trained decoder (see the module doc).
+    ``build_options`` (attention, device, precision) go to ``Registry.build``."""
     checkpoints = checkpoints or {}
     if pipeline not in registry.pipelines:
         raise UsageError(f"unknown pipeline {pipeline!r}; known: {', '.join(registry.pipelines)}")
     entry = registry.pipelines[pipeline]
     directory = registry.checkpoint_dir(pipeline)
-    if entry.model is not None or directory is None:
+    if "encoder" not in entry.roles or directory is None:
         raise UsageError(f"pipeline {pipeline!r} needs an encoder, a decoder and a checkpoint directory for swap-eval")
     if not encoders:
         raise UsageError("swap-eval needs at least one encoder")
     meta = read_metadata(directory / "decoder.safetensors")
     # every name, checkpoint and same-weights declaration is checked before any evaluation starts
-    swapped = {name: build_swapped(registry, pipeline, name, checkpoints.get(name), attention) for name in encoders}
-    shared_decoder = next(iter(swapped.values()))[0].decoder
+    swapped = {name: build_swapped(registry, pipeline, name, checkpoints.get(name), **build_options)
+               for name in encoders}
+    shared_decoder = next(iter(swapped.values()))[0].components["decoder"]
     decoder = {"pipeline": pipeline, "name": entry.decoder, "checkpoint": str(directory / "decoder.safetensors"),
                "step": int(meta.get("step", 0)), "params": sum(p.numel() for p in shared_decoder.parameters())}
     rows = []
     for name, (built, weights) in swapped.items():
-        result = evaluate_continuation(built, entry.data, clips=clips, context=context, frames=frames, steps=steps,
-                                       seed=seed)
-        video = torch.cat([result.context, result.truth], dim=1)  # the held-out clips it was scored on
-        means = result.model.mean()
-        first_s, per_frame_s, peak_mb = stream_cost(built, video[:1, :context], frames, steps)
-        row = SwapRow(name, weights, means["psnr"], means["ssim"], means["mse"], validation_loss(built, video, seed),
-                      first_s, per_frame_s, peak_mb, sum(p.numel() for p in built.encoder.parameters()))
+        result = evaluate_continuation(built, entry.data, config)
+        means = result.model.mean()  # scored on result.clips, which are reused below
+        clip = result.clips.clips(0, 1).context(config.context)
+        first_s, per_frame_s, peak_mb = stream_cost(built, clip, config.frames, config.steps)
+        row = SwapRow(name, weights, means["psnr"], means["ssim"], means["mse"],
+                      validation_loss(built, result.clips, config.seed), first_s, per_frame_s, peak_mb,
+                      sum(p.numel() for p in built.components["encoder"].parameters()))
         rows.append(row)
         if progress is not None:
             progress(row)

@@ -23,33 +23,35 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from scdkit.checkpoint import atomic_save, load_component, read_checkpoint, save_component
 from scdkit.data import make_clips
 from scdkit.errors import CheckpointError
-from scdkit.evaluate import evaluate_continuation
-from scdkit.pipeline import Pipeline, Recipe
+from scdkit.evaluate import EvalConfig, evaluate_continuation
+from scdkit.files import write_text_atomic
+from scdkit.interfaces import Recipe
+from scdkit.pipeline import Pipeline
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(1500, ge=1)
-    batch: int = Field(16, ge=1)
+    steps: int = Field(1500, ge=1, description="total optimizer steps (a resumed run continues up to it)")
+    batch: int = Field(16, ge=1, description="clips per step")
     frames: int = Field(7, ge=2, description="frames per training clip")
-    lr: float = Field(3e-4, gt=0)
-    decoder_lr_scale: float = Field(2.0, gt=0)
-    warmup: int = Field(100, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    ema: float = Field(0.999, ge=0, lt=1)
-    checkpoint_every: int = Field(100, ge=1)
-    eval_every: int = Field(250, ge=0, description="0 disables the held-out check")
-    eval_steps: int = Field(10, ge=1, description="Euler steps used by the held-out check")
-    seed: int = 0
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (after warm-up; cosine decay to a tenth of it)")
+    decoder_lr_scale: float = Field(2.0, gt=0, description="the decoder's learning rate is lr times this")
+    warmup: int = Field(100, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
+    ema: float = Field(0.999, ge=0, lt=1, description="EMA decay of the saved weights")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    eval_every: int = Field(250, ge=0, description="steps between held-out checks (0: none)")
+    eval_steps: int = Field(10, ge=1, description="sampling steps of the held-out check")
+    seed: int = Field(0, description="seed of the training clips and noise")
     recipe: Recipe = Recipe()
 
 
 def _param_groups(pipeline: Pipeline, config: TrainConfig) -> list[dict]:
-    if pipeline.model is not None:
-        return [{"params": list(pipeline.model.parameters()), "lr": config.lr}]
-    return [{"params": list(pipeline.encoder.parameters()), "lr": config.lr},
-            {"params": list(pipeline.decoder.parameters()), "lr": config.lr * config.decoder_lr_scale}]
+    """One AdamW group per component; the decoder's learning rate is scaled (PAPER.md: decoder lr x2)."""
+    return [{"params": list(module.parameters()),
+             "lr": config.lr * (config.decoder_lr_scale if role == "decoder" else 1.0)}
+            for role, module in pipeline.components.items()]
 
 
 def _lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -67,14 +69,16 @@ class Trainer:
         self.groups = _param_groups(pipeline, config)
         self.base_lrs = [g["lr"] for g in self.groups]
         self.optimizer = torch.optim.AdamW(self.groups, weight_decay=config.weight_decay, betas=(0.9, 0.99))
-        self.ema = {role: copy.deepcopy(m).requires_grad_(False) for role, m in pipeline.modules.items()}
+        # fp16 autocast needs loss scaling against gradient underflow; a no-op otherwise
+        self.scaler = torch.amp.GradScaler(pipeline.device.type, enabled=pipeline.autocast_dtype == torch.float16)
+        self.ema = copy.deepcopy(pipeline).requires_grad_(False)  # the weights that are saved and evaluated
         self.step = 0
 
     # -- state -------------------------------------------------------------------------------
     def save(self) -> None:
-        for role, module in self.ema.items():
+        for role, module in self.ema.components.items():
             save_component(module, self.out / f"{role}.safetensors", role, self.step)
-        tensors = {f"{role}.{k}": v for role, m in self.pipeline.modules.items() for k, v in m.state_dict().items()}
+        tensors = {f"{role}.{k}": v for role, m in self.pipeline.components.items() for k, v in m.state_dict().items()}
         params = [p for g in self.groups for p in g["params"]]
         for i, p in enumerate(params):
             for key, value in self.optimizer.state.get(p, {}).items():
@@ -87,13 +91,13 @@ class Trainer:
         if not path.exists():
             return False
         tensors, meta = read_checkpoint(path)
-        for role, module in self.pipeline.modules.items():
+        for role, module in self.pipeline.components.items():
             prefix = f"{role}."
             module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            load_component(self.ema[role], self.out / f"{role}.safetensors", role)
+            load_component(self.ema.components[role], self.out / f"{role}.safetensors", role)
         params = [p for g in self.groups for p in g["params"]]
         for i, p in enumerate(params):
-            state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optimizer.{i}.")}
+            state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optimizer.{i}.")}
             if state:
                 state["step"] = state["step"].reshape(())
                 self.optimizer.state[p] = state
@@ -104,31 +108,31 @@ class Trainer:
     @torch.no_grad()
     def update_ema(self) -> None:
         decay = min(self.config.ema, (1 + self.step) / (10 + self.step))
-        for role, module in self.pipeline.modules.items():
-            for e, p in zip(self.ema[role].parameters(), module.parameters()):
-                e.lerp_(p, 1 - decay)
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.pipeline.parameters()), 1 - decay)
 
     def train_step(self) -> float:
         cfg = self.config
-        video = make_clips(self.data, cfg.batch, cfg.frames, self.pipeline.frame.height, seed=cfg.seed * 1_000_003 + self.step)
-        generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
+        batch = make_clips(self.data, cfg.batch, cfg.frames, self.pipeline.frame, seed=cfg.seed * 1_000_003 + self.step)
+        generator = self.pipeline.generator(cfg.seed * 7919 + self.step)
         for group, base in zip(self.groups, self.base_lrs):
             group["lr"] = base * _lr_factor(self.step, cfg.warmup, cfg.steps)
         self.pipeline.train(True)
-        loss = self.pipeline.loss(video, cfg.recipe, generator)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at step {self.step}")
+        loss = self.pipeline.loss(batch, cfg.recipe, generator)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.pipeline.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.step += 1
         self.update_ema()
-        return loss.item()
+        return value
 
     def evaluate(self) -> dict[str, float]:
-        ema_pipeline = Pipeline(self.pipeline.name, self.pipeline.scheduler, self.pipeline.frame, **self.ema)
-        result = evaluate_continuation(ema_pipeline, self.data, clips=16, context=4, frames=4, steps=self.config.eval_steps)
+        result = evaluate_continuation(self.ema, self.data, EvalConfig(frames=4, steps=self.config.eval_steps))
         return {"psnr": result.model.mean()["psnr"], "repeat_last_psnr": result.repeat_last.mean()["psnr"],
                 "sharpness": result.model.mean()["sharpness"], "true_sharpness": sum(result.truth_sharpness) / 4}
 
@@ -180,6 +184,4 @@ def trim_log(log: Path, step: int) -> None:
     if not log.exists():
         return
     kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = log.with_name(f".{log.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    tmp.replace(log)
+    write_text_atomic(log, "".join(f"{line}\n" for line in kept))

@@ -241,7 +241,7 @@ REGISTRY = "[scdkit]\n{setting}\n" + GOOD  # GOOD's pipeline is "p"
 
 
 def attends(pipeline):
-    fns = {block.attend for m in pipeline.modules.values() for block in m.modules() if hasattr(block, "attend")}
+    fns = {block.attend for m in pipeline.components.values() for block in m.modules() if hasattr(block, "attend")}
     assert len(fns) == 1
     return fns.pop()
 
@@ -264,9 +264,9 @@ def test_registry_env_and_flag_choose_the_backend_of_a_built_pipeline(tmp_path, 
     message = use_attention_backend(pipeline, "auto", source="--attention")
     assert attends(pipeline) is sdpa_attention and message.startswith("attention backend: auto picked sdpa")
     # the backend is never part of the weights: switching changes no state_dict key or value
-    before = {k: v.clone() for k, v in pipeline.encoder.state_dict().items()}
+    before = {k: v.clone() for k, v in pipeline.components["encoder"].state_dict().items()}
     use_attention_backend(pipeline, "chunked")
-    after = pipeline.encoder.state_dict()
+    after = pipeline.components["encoder"].state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -293,7 +293,7 @@ def test_cli_attention_flag(tmp_path, monkeypatch, capsys):
     assert "\n" not in err and "cannot run here" in err and "pip install 'scdkit[flash]'" in err
     assert not gif.exists()
     assert main([*args, "--attention", "eager"]) == 0
-    assert "attention backend: eager" in capsys.readouterr().out
+    assert "attention backend: eager" in capsys.readouterr().err  # status on stderr: --json output stays clean
     monkeypatch.setenv(ENV_VAR, "flash")  # unusable here; the flag must win before it is ever resolved
     assert main([*args, "--attention", "eager"]) == 0
-    assert "attention backend: eager (from --attention)" in capsys.readouterr().out
+    assert "attention backend: eager (from --attention)" in capsys.readouterr().err

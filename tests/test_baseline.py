@@ -10,7 +10,11 @@ from scdkit.checkpoint import read_metadata
 from scdkit.cli import main
 from scdkit.plugins.models.causal_dit import CausalDiT, CausalDiTConfig, teacher_forcing_mask
 from scdkit.plugins.schedulers.flow_match_euler import FlowMatchEuler
-from scdkit.probe import probe_model
+from scdkit.interfaces import Batch
+from scdkit.nn.attention import sdpa_attention
+from scdkit.pipeline import Pipeline, assemble, to_pixel_range, unpatchify
+from scdkit.probe import probe_pipeline
+from scdkit.registry import load_registry
 from scdkit.testing import TINY_FRAME, _patches, _randomise
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,10 +76,18 @@ def test_head_width_that_rope_cannot_split_is_rejected_at_config_time():
         CausalDiTConfig(width=32, heads=4)  # head width 8: RoPE parts 2/3/3
 
 
+def tiny_baseline_pipeline(model) -> Pipeline:
+    return Pipeline("tiny", FlowMatchEuler(FlowMatchEuler.example_config()), TINY_FRAME, assemble({"model": model}))
+
+
+def context_clips(frames: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.rand(2, frames, TINY_FRAME.channels, TINY_FRAME.height, TINY_FRAME.width, generator=g))
+
+
 def test_probe_shapes_and_attention_shares(model):
-    context = _patches(TINY_FRAME, 2, 3, seed=6)
-    result = probe_model(model, FlowMatchEuler(FlowMatchEuler.example_config()), context, steps=4,
-                         generator=torch.Generator().manual_seed(0))
+    result = probe_pipeline(tiny_baseline_pipeline(model), context_clips(3, seed=6), steps=4,
+                            generator=torch.Generator().manual_seed(0))
     layers = len(model.blocks)
     assert result.similarity.shape == (layers, 4, 4)
     torch.testing.assert_close(result.similarity.diagonal(dim1=1, dim2=2), torch.ones(layers, 4))
@@ -90,17 +102,25 @@ def test_probe_shapes_and_attention_shares(model):
 
 
 @torch.no_grad()
-def test_probe_walks_the_blocks_exactly_like_predict(model):
-    scheduler = FlowMatchEuler(FlowMatchEuler.example_config())
-    context = _patches(TINY_FRAME, 2, 3, seed=7)
-    result = probe_model(model, scheduler, context, steps=3, generator=torch.Generator().manual_seed(1))
-    state = model.new_state(2, 4)
-    model.observe(state, context)
-    x = torch.randn(2, TINY_FRAME.tokens, TINY_FRAME.patch_dim, generator=torch.Generator().manual_seed(1))
-    times = scheduler.timesteps(3).tolist()
-    for t, t_next in zip(times[:-1], times[1:]):
-        x = scheduler.step(model.predict(state, x, torch.full((2,), t)), t, t_next, x)
-    torch.testing.assert_close(result.sample, x, atol=1e-5, rtol=0)
+def test_probe_measures_exactly_what_generation_computes(model):
+    pipeline = tiny_baseline_pipeline(model)
+    context = context_clips(3, seed=7)
+    result = probe_pipeline(pipeline, context, steps=3, generator=torch.Generator().manual_seed(1))
+    generated = pipeline.generate(context, 1, steps=3, generator=torch.Generator().manual_seed(1)).video
+    probed = to_pixel_range(unpatchify(result.sample[:, None], TINY_FRAME))
+    torch.testing.assert_close(probed, generated, atol=1e-6, rtol=0)
+    assert all(block.attend is sdpa_attention for block in model.blocks), "the probe must restore attention"
+    assert not any(block._forward_hooks for block in model.blocks), "the probe must remove its hooks"
+
+
+def test_probe_reads_the_decoder_layers_of_an_scd_pipeline():
+    registry = load_registry(REPO / "registry.toml")
+    pipeline = registry.build("scd-digits")
+    batch = Batch(torch.rand(2, 3, 1, 32, 32))
+    result = probe_pipeline(pipeline, batch, steps=3, generator=torch.Generator().manual_seed(0))
+    decoder_layers = len(pipeline.components["decoder"].blocks)
+    assert result.similarity.shape == (decoder_layers, 3, 3)  # only the blocks that run at every step
+    assert bool((result.past_share > 0).all()), "decoder queries attend to the conditioning tokens"
 
 
 def test_train_then_probe_through_the_cli(tmp_path, capsys):
@@ -121,7 +141,9 @@ def test_train_then_probe_through_the_cli(tmp_path, capsys):
     assert (tmp_path / "probe" / "probe_curves.png").stat().st_size > 0
 
 
-def test_probe_refuses_an_scd_pipeline_in_one_line(capsys):
-    assert main(["probe", "--registry", str(REPO / "registry.toml"), "--pipeline", "scd-digits"]) == 2
+def test_probe_of_a_pipeline_without_checkpoint_is_one_line(tmp_path, capsys):
+    registry = tmp_path / "registry.toml"
+    registry.write_text((REPO / "registry.toml").read_text().replace('checkpoint = "checkpoints/baseline-digits"\n', ""))
+    assert main(["probe", "--registry", str(registry), "--pipeline", "baseline-digits"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "monolithic" in err and len(err.splitlines()) == 1
+    assert "has no checkpoint directory; pass --checkpoint DIR" in err and len(err.splitlines()) == 1

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from scdkit.backends import use_attention_backend
 from scdkit.bench import BenchConfig, build_pipelines, flops_per_frame
 from scdkit.cli import main
+from scdkit.interfaces import Conditioning
 
 TINY = BenchConfig(width=32, heads=2, encoder_layers=2, decoder_layers=1, tokens_per_frame=16, steps=3,
                    context_frames=4)
@@ -36,17 +37,17 @@ def test_flop_model_matches_torch_flop_counter(name):
     """One steady frame (T denoising steps + the frame entering the context), counted by torch."""
     pipeline = build_pipelines(TINY)[name].train(False)
     use_attention_backend(pipeline, "eager")  # plain matmuls, which the counter sees
-    stream, frame = pipeline.stream, pipeline.frame
-    times = pipeline.scheduler.timesteps(TINY.steps)
+    stream, frame, none = pipeline.model, pipeline.frame, Conditioning()
+    times = pipeline.scheduler.begin(TINY.steps).times
     with torch.no_grad():
-        state = stream.new_state(1, TINY.context_frames + 2)
+        state = stream.new_state(1, TINY.context_frames + 2, none)
         stream.prepare(state, times[:-1])  # once per generation, not per frame
-        stream.observe(state, torch.randn(1, TINY.context_frames, frame.tokens, frame.patch_dim))
+        stream.observe(state, torch.randn(1, TINY.context_frames, frame.tokens, frame.patch_dim), none)
         x = torch.randn(1, frame.tokens, frame.patch_dim)
     with FlopCounterMode(display=False) as counter:  # its module tracking needs autograd on
-        for t in times[:-1].tolist():
-            x = stream.predict(state, x, torch.full((1,), t))
-        stream.observe(state, x[:, None])
+        for t in times[:-1]:
+            x = stream.predict(state, x, t)  # one time for the batch, as generation calls it
+        stream.observe(state, x[:, None], none)
     assert counter.get_total_flops() == flops_per_frame(TINY)[name]
 
 
@@ -60,7 +61,7 @@ def test_flop_model_grows_with_context_only_in_attention():
 
 def test_bench_json_has_the_documented_shape(capsys):
     args = ["--threads", "1", "bench", "--width", "32", "--heads", "2", "--encoder-layers", "2", "--decoder-layers",
-            "1", "--tokens", "16", "--steps", "2", "--context", "4", "--generate", "3", "--repeats", "1",
+            "1", "--tokens-per-frame", "16", "--steps", "2", "--context-frames", "4", "--generate", "3", "--repeats", "1",
             "--frames", "4", "--json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -78,9 +79,9 @@ def test_bench_json_has_the_documented_shape(capsys):
     assert [row["frames"] for row in result["sweep"]] == [4]
 
 
-@pytest.mark.parametrize("args, named", [(["--tokens", "15"], "tokens_per_frame"),
-                                         (["--width", "40", "--heads", "4"], "head"),
-                                         (["--generate", "1"], "2 generated frames")])
+@pytest.mark.parametrize("args, named", [(["--tokens-per-frame", "15"], "tokens_per_frame"),
+                                         (["--width", "40", "--heads", "4"], "head width 10"),
+                                         (["--generate", "1"], "--generate 1: Input should be greater than or equal to 2")])
 def test_bench_bad_shapes_are_one_line_errors(args, named, capsys):
     assert main(["bench", *args]) == 2
     err = capsys.readouterr().err.strip()
@@ -89,7 +90,7 @@ def test_bench_bad_shapes_are_one_line_errors(args, named, capsys):
 
 REGISTRY = str(Path(__file__).resolve().parents[1] / "registry.toml")
 TINY_ARGS = ["--threads", "1", "bench", "--registry", REGISTRY, "--width", "32", "--heads", "2", "--encoder-layers", "1", "--decoder-layers", "1",
-             "--tokens", "16", "--steps", "1", "--context", "2", "--generate", "2", "--repeats", "1", "--json"]
+             "--tokens-per-frame", "16", "--steps", "1", "--context-frames", "2", "--generate", "2", "--repeats", "1", "--json"]
 
 
 def test_bench_encoder_curves_from_the_registry(capsys):

@@ -27,9 +27,9 @@ def test_metadata_is_complete(tmp_path):
 def test_mismatch_lists_every_differing_field(tmp_path):
     save_component(encoder(), tmp_path / "e.safetensors", "encoder")
     with pytest.raises(CheckpointError) as info:
-        load_component(encoder(width=48, layers=3), tmp_path / "e.safetensors", "encoder")
+        load_component(encoder(width=64, layers=3), tmp_path / "e.safetensors", "encoder")
     message = str(info.value)
-    assert "config.width: checkpoint has 32, registry wants 48" in message
+    assert "config.width: checkpoint has 32, registry wants 64" in message
     assert "config.layers: checkpoint has 2, registry wants 3" in message
     assert "contract.dim" in message
 

@@ -55,8 +55,8 @@ def test_concat_fuse_starts_as_sum_of_inputs():
 
     cls = CATALOG.get("decoders", "dit-frame")
     frame = FrameSpec(channels=1, height=8, width=8, patch_size=2)
-    dec = cls(cls.config_class(width=16, heads=2, combine="concat"), frame, CondSpec(dim=16, tokens=16))
-    x, c = torch.randn(2, 16, 16), torch.randn(2, 16, 16)
+    dec = cls(cls.config_class(width=32, heads=2, combine="concat"), frame, CondSpec(dim=32, tokens=16))
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
     assert torch.allclose(dec.fuse(torch.cat([x, c], -1)), x + c, atol=1e-6)
 
 

@@ -215,18 +215,18 @@ def tiny_registry(tmp_path, settings='same_weights = [["causal", "long"]]', long
     registry = load_registry(path)
     if checkpoint:
         trained = registry.build("p", load=False)
-        testing._randomise(trained.encoder, seed=1)
-        testing._randomise(trained.decoder, seed=2)
-        save_component(trained.encoder, tmp_path / "ckpt" / "encoder.safetensors", "encoder", step=3)
-        save_component(trained.decoder, tmp_path / "ckpt" / "decoder.safetensors", "decoder", step=3)
+        testing._randomise(trained.components["encoder"], seed=1)
+        testing._randomise(trained.components["decoder"], seed=2)
+        save_component(trained.components["encoder"], tmp_path / "ckpt" / "encoder.safetensors", "encoder", step=3)
+        save_component(trained.components["decoder"], tmp_path / "ckpt" / "decoder.safetensors", "decoder", step=3)
     return registry
 
 
 def test_thousand_frame_generation_keeps_a_constant_cache(tmp_path):
     pipeline = tiny_registry(tmp_path, checkpoint=False).build("p", load=False, encoder="long")
     states = []
-    new_state = pipeline.encoder.new_state
-    pipeline.encoder.new_state = lambda batch, max_frames: states.append(new_state(batch, max_frames)) or states[-1]
+    new_state = pipeline.components["encoder"].new_state
+    pipeline.components["encoder"].new_state = lambda batch, max_frames: states.append(new_state(batch, max_frames)) or states[-1]
     context = torch.rand(1, 2, 1, 8, 8)
     generation = pipeline.generate(context, 1000, steps=1, generator=torch.Generator().manual_seed(0))
     assert generation.video.shape == (1, 1000, 1, 8, 8) and torch.isfinite(generation.video).all()
@@ -241,11 +241,11 @@ def test_thousand_frame_generation_keeps_a_constant_cache(tmp_path):
 def test_same_weights_checkpoint_loads_into_the_rolling_encoder(tmp_path):
     registry = tiny_registry(tmp_path)
     trained, swapped = registry.build("p"), registry.build("p", encoder="long")
-    assert isinstance(swapped.encoder, FlashLongContextEncoder)
-    testing.assert_same_weights(swapped.encoder, trained.encoder, "same-weights swap")
+    assert isinstance(swapped.components["encoder"], FlashLongContextEncoder)
+    testing.assert_same_weights(swapped.components["encoder"], trained.components["encoder"], "same-weights swap")
     video = torch.randn(2, 3, 4, 16)  # within the window + sink: the same outputs
     with torch.no_grad():
-        testing._close(swapped.encoder(video), trained.encoder(video), "swapped encoder")
+        testing._close(swapped.components["encoder"](video), trained.components["encoder"](video), "swapped encoder")
 
 
 def test_undeclared_swap_is_refused_naming_the_differing_fields(tmp_path):
@@ -270,7 +270,7 @@ def test_same_weights_group_with_different_shapes_is_a_registry_error(tmp_path):
 def test_swap_eval_json(tmp_path, capsys):
     registry = tiny_registry(tmp_path)
     deeper = registry.build("p", load=False, encoder="deeper")
-    save_component(deeper.encoder, tmp_path / "deeper.safetensors", "encoder")
+    save_component(deeper.components["encoder"], tmp_path / "deeper.safetensors", "encoder")
     code = main(["--threads", "1", "swap-eval", "--registry", str(registry.path), "--pipeline", "p",
                  "--encoders", "causal,long,deeper", "--checkpoint", f"deeper={tmp_path / 'deeper.safetensors'}",
                  "--clips", "2", "--context", "2", "--frames", "3", "--steps", "2", "--json"])

@@ -60,7 +60,7 @@ def test_shipped_registry_is_valid_and_builds():
 
 def test_good_registry_builds(tmp_path):
     pipeline = load_registry(write(tmp_path, GOOD)).build("p", load=False)
-    assert pipeline.encoder.contract.tokens == 16
+    assert pipeline.components["encoder"].contract.tokens == 16
     assert pipeline.scheduler.config.steps == 4
 
 
@@ -98,7 +98,7 @@ def test_import_paths_are_off_by_default(tmp_path):
     problem, _ = problems(tmp_path, text)
     assert "allow_import_paths = true" in problem
     registry = load_registry(write(tmp_path, "[scdkit]\nallow_import_paths = true\n" + text))
-    assert registry.build("p", load=False).encoder.plugin_name == "causal-transformer"
+    assert registry.build("p", load=False).components["encoder"].plugin_name == "causal-transformer"
 
 
 def test_bad_toml_and_missing_file(tmp_path):
@@ -127,4 +127,4 @@ def test_plugin_dirs_load_local_plugins(tmp_path):
         "@hookimpl\ndef scdkit_register_encoders(register):\n    register(Wide)\n"
     )
     text = '[scdkit]\nplugin_dirs = ["myplugins"]\n' + GOOD.replace('"causal-transformer"', '"wide-local"')
-    assert load_registry(write(tmp_path, text)).build("p", load=False).encoder.plugin_name == "wide-local"
+    assert load_registry(write(tmp_path, text)).build("p", load=False).components["encoder"].plugin_name == "wide-local"

@@ -4,7 +4,7 @@ import torch
 
 import scdkit.train as train_module
 from scdkit.data import moving_digits
-from scdkit.pipeline import Recipe
+from scdkit.interfaces import Batch, Recipe
 from scdkit.registry import load_registry
 from scdkit.train import TrainConfig, Trainer
 from tests.test_registry import GOOD
@@ -17,7 +17,7 @@ def tiny_pipeline(tmp_path):
 
 
 def test_overfitting_one_batch_lowers_the_loss(tmp_path, monkeypatch):
-    fixed = moving_digits(4, 4, size=8)
+    fixed = Batch(moving_digits(4, 4, size=8))
     monkeypatch.setattr(train_module, "make_clips", lambda *args, **kwargs: fixed)
     trainer = Trainer(tiny_pipeline(tmp_path), TrainConfig(steps=60, batch=4, frames=4, lr=3e-3, warmup=5, eval_every=0,
                                                            recipe=Recipe(noise_draws=4)), tmp_path, "moving-digits")
@@ -28,10 +28,11 @@ def test_overfitting_one_batch_lowers_the_loss(tmp_path, monkeypatch):
 def test_encoder_runs_once_per_clip_and_decoder_sees_shifted_conditioning(tmp_path, monkeypatch):
     pipeline = tiny_pipeline(tmp_path)
     calls, seen = [], []
-    encoder_forward = pipeline.encoder.forward
-    decoder_forward = pipeline.decoder.forward
-    monkeypatch.setattr(pipeline.encoder, "forward", lambda x: calls.append(x.shape) or encoder_forward(x))
-    monkeypatch.setattr(pipeline.decoder, "forward", lambda x, t, c: seen.append(c.shape) or decoder_forward(x, t, c))
+    encoder_forward = pipeline.components["encoder"].forward
+    decoder_forward = pipeline.components["decoder"].forward
+    monkeypatch.setattr(pipeline.components["encoder"], "forward",
+                        lambda x: calls.append(x.shape) or encoder_forward(x))
+    monkeypatch.setattr(pipeline.components["decoder"], "forward", lambda x, t, c: seen.append(c.shape) or decoder_forward(x, t, c))
     video = moving_digits(3, 5, size=8)
     pipeline.loss(video, Recipe(noise_draws=2, cond_noise=0.0))
     assert len(calls) == 1 and calls[0][1] == 5  # one encoder pass over the whole clip
@@ -42,11 +43,11 @@ def test_decoder_target_is_conditioned_on_previous_frame(tmp_path, monkeypatch):
     """Frame i's decoder input must carry the encoder output of frame i-1 (the one-frame shift)."""
     pipeline = tiny_pipeline(tmp_path)
     video = moving_digits(2, 4, size=8)
-    enc_out = pipeline.encoder(torch.zeros(2, 4, 16, 4))
+    enc_out = pipeline.components["encoder"](torch.zeros(2, 4, 16, 4))
     marked = torch.arange(4.0)[None, :, None, None].expand_as(enc_out).clone()
-    monkeypatch.setattr(pipeline.encoder, "forward", lambda x: marked)
+    monkeypatch.setattr(pipeline.components["encoder"], "forward", lambda x: marked)
     got = []
-    monkeypatch.setattr(pipeline.decoder, "forward", lambda x, t, c: got.append(c) or x)
+    monkeypatch.setattr(pipeline.components["decoder"], "forward", lambda x, t, c: got.append(c) or x)
     pipeline.loss(video, Recipe(noise_draws=1, cond_noise=0.0))
     frame_ids = got[0][:, 0, 0].reshape(2, 3)
     assert torch.equal(frame_ids, torch.tensor([[0.0, 1.0, 2.0]] * 2))

@@ -10,6 +10,9 @@ adaLN on the denoising time and by the encoder output of the previous frame, com
 
 ``concat`` and ``add`` pair tokens one to one, so they need as many conditioning tokens as
 frame tokens; that is checked when the decoder is built.
+
+With ``classes = K`` the decoder is class-conditioned: a label embedding (K classes plus a null
+label for classifier-free guidance) is added to the time embedding that drives every adaLN.
 """
 
 from __future__ import annotations
@@ -17,21 +20,27 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from scdkit.hookspecs import hookimpl
-from scdkit.interfaces import ComponentConfig, CondSpec, FrameDecoder, FrameSpec
-from scdkit.nn.dit import DiTBlock, FinalLayer, TimestepEmbedding, init_linear_weights
-from scdkit.nn.rope import rope_table
+from scdkit.interfaces import ComponentConfig, CondSpec, Conditioning, ConditioningSpec, FrameDecoder, FrameSpec
+from scdkit.nn.dit import DiTBlock, FinalLayer, LabelEmbedding, TimestepEmbedding, init_linear_weights
+from scdkit.nn.rope import check_head_width, rope_table
 
 
 class DiTFrameConfig(ComponentConfig):
     width: PositiveInt = 128
     layers: PositiveInt = 2
     heads: PositiveInt = 4
-    mlp_ratio: float = 4.0
+    mlp_ratio: PositiveFloat = 4.0
     combine: Literal["token_concat", "concat", "add"] = "token_concat"
+    classes: NonNegativeInt = 0  # class labels (0: not class-conditioned)
+
+    @model_validator(mode="after")
+    def _head_width(self):
+        check_head_width(self.width, self.heads)
+        return self
 
 
 class DiTFrameDecoder(FrameDecoder):
@@ -53,6 +62,8 @@ class DiTFrameDecoder(FrameDecoder):
         width = config.width
         self.embed = nn.Linear(frame.patch_dim, width)
         self.time = TimestepEmbedding(width)
+        if config.classes:
+            self.label = LabelEmbedding(config.classes, width)
         self.cond_proj = nn.Linear(cond.dim, width)
         if config.combine == "concat":
             self.fuse = nn.Linear(2 * width, width)
@@ -69,13 +80,21 @@ class DiTFrameDecoder(FrameDecoder):
         self.register_buffer("rope", rope_table(torch.tensor(frames), frame.grid, head_dim), persistent=False)
         self.cond_tokens = cond.tokens if config.combine == "token_concat" else 0
 
+    @property
+    def accepts(self) -> ConditioningSpec:
+        return ConditioningSpec(classes=self.config.classes)
+
     # forward(x_t, t, cond) == denoise(x_t, condition(cond), time_terms(t)). Streaming generation
     # calls the three parts as often as their inputs change: time_terms once per sampling time
     # (scdkit.nn.dit.TimeTable), condition once per frame, denoise at every step.
 
-    def time_terms(self, t: Tensor) -> list[tuple[Tensor, ...]]:
-        """adaLN modulations for times t [b]: one tuple per block, then the final layer's."""
+    def time_terms(self, t: Tensor, conditioning: Conditioning | None = None) -> list[tuple[Tensor, ...]]:
+        """adaLN modulations for times t [b] (and labels [b]): one tuple per block, then the final layer's."""
         c = self.time(t)
+        if self.config.classes:
+            if conditioning is None or conditioning.labels is None:
+                raise ValueError(f"{self.plugin_name} is class-conditioned: give conditioning.labels [b]")
+            c = c + self.label(conditioning.labels)
         return [block.modulation(c) for block in self.blocks] + [self.final.modulation(c)]
 
     def condition(self, cond: Tensor) -> Tensor:
@@ -102,8 +121,8 @@ class DiTFrameDecoder(FrameDecoder):
             x = block(x, None, rope, modulation=modulation)
         return self.final(x[:, self.cond_tokens:], None, modulation=time_terms[-1])
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        return self.denoise(x_t, self.condition(cond), self.time_terms(t))
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor, conditioning: Conditioning | None = None) -> Tensor:
+        return self.denoise(x_t, self.condition(cond), self.time_terms(t, conditioning))
 
 
 @hookimpl

@@ -37,9 +37,9 @@ from pydantic import NonNegativeInt, PositiveInt
 from torch import Tensor
 
 from scdkit.hookspecs import hookimpl
-from scdkit.interfaces import EncoderState
+from scdkit.interfaces import Conditioning, EncoderState
 from scdkit.nn import attention
-from scdkit.nn.cache import RollingKVCache
+from scdkit.nn.cache import RollingKVCache, compute_dtype
 from scdkit.nn.rope import apply_rope, rope_table
 from scdkit.plugins.encoders.causal_transformer import CausalTransformerConfig, CausalTransformerEncoder
 
@@ -138,27 +138,29 @@ class FlashLongContextEncoder(CausalTransformerEncoder):
     def sink_rotation(self, shifts: Tensor) -> Tensor:
         """RoPE table [2 len(shifts) e/2] that moves a frame by ``shifts`` along the frame axis only
         (a one-token grid has row and column 0, whose rotations are the identity)."""
-        return rope_table(shifts, (1, 1), self.head_dim).to(self.clean.device)
+        return rope_table(shifts, (1, 1), self.head_dim)
 
-    def forward(self, patches: Tensor) -> Tensor:
+    def forward(self, patches: Tensor, conditioning: Conditioning | None = None) -> Tensor:
         frames, tokens = patches.shape[1], patches.shape[2]
         sinks, window = self.config.sinks, self.config.window
         mask = rolling_mask(frames, tokens, sinks, window, device=patches.device)
         copies = frames - sinks - window if sinks else 0
         if copies <= 0:
-            return self.run_blocks(patches, 0, mask)
-        rotations = self.sink_rotation(torch.arange(1, copies + 1))[:, :, None]
-        return self.run_blocks(patches, 0, mask, [SinkCopies(sinks * tokens, rotations)] * len(self.blocks))
+            return self.run_blocks(patches, 0, mask, conditioning=conditioning)
+        rotations = self.sink_rotation(torch.arange(1, copies + 1, device=patches.device))[:, :, None]
+        return self.run_blocks(patches, 0, mask, [SinkCopies(sinks * tokens, rotations)] * len(self.blocks),
+                               conditioning)
 
     def new_state(self, batch: int, max_frames: int) -> RollingState:
         p, sinks = self.clean, self.config.sinks
         # a stream shorter than sinks + window never needs the whole ring
         window = min(self.config.window, max(0, max_frames - sinks))
         caches = [RollingKVCache(batch, self.config.heads, self.frame.tokens, min(sinks, max_frames), window,
-                                 self.head_dim, p.dtype, p.device) for _ in self.blocks]
+                                 self.head_dim, compute_dtype(p), p.device) for _ in self.blocks]
         return RollingState(caches, max_frames)
 
-    def step(self, state: RollingState, patches: Tensor) -> tuple[Tensor, RollingState]:
+    def step(self, state: RollingState, patches: Tensor,
+             conditioning: Conditioning | None = None) -> tuple[Tensor, RollingState]:
         frames = patches.shape[1]
         short_ring = state.caches[0].window < self.config.window
         if short_ring and state.frames + frames > state.max_frames:
@@ -168,9 +170,12 @@ class FlashLongContextEncoder(CausalTransformerEncoder):
         with self.attention_for_streaming():
             for f in range(frames):  # one frame at a time: each has its own shift and evicts one frame
                 shift = self.shift(state.frames)
-                rotation = self.sink_rotation(torch.tensor([shift])) if shift and self.config.sinks else None
+                rotation = None
+                if shift and self.config.sinks:
+                    rotation = self.sink_rotation(torch.tensor([shift], device=patches.device))
                 sources = [StreamStep(cache, rotation) for cache in state.caches]
-                outputs.append(self.run_blocks(patches[:, f:f + 1], state.frames, None, sources))
+                frame_conditioning = None if conditioning is None else conditioning.frames(f, f + 1)
+                outputs.append(self.run_blocks(patches[:, f:f + 1], state.frames, None, sources, frame_conditioning))
                 state.frames += 1
         return torch.cat(outputs, dim=1), state
 

@@ -39,8 +39,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from scdkit.hookspecs import hookimpl
-from scdkit.interfaces import EncoderState, FrameSpec
+from scdkit.interfaces import Conditioning, EncoderState, FrameSpec
 from scdkit.nn.dit import DiTBlock
+from scdkit.nn.cache import compute_dtype
 from scdkit.nn.memory import ClipMemory, MemoryPolicy, StreamingMemory
 from scdkit.plugins.encoders.causal_transformer import CausalTransformerConfig, CausalTransformerEncoder
 
@@ -77,9 +78,9 @@ class MemoryEfficientEncoder(CausalTransformerEncoder):
         #: activation checkpointing of every block while gradients are on; a runtime switch, not config
         self.checkpointing = True
 
-    def forward(self, patches: Tensor) -> Tensor:
+    def forward(self, patches: Tensor, conditioning: Conditioning | None = None) -> Tensor:
         tokens = patches.shape[2]
-        x = rearrange(self.embed(patches), "b f n d -> b (f n) d")
+        x = self.embed_frames(patches, conditioning)
         cond = self.clean.expand(x.shape[0], -1)
         rope = self.rope(0, patches.shape[1])
         for block in self.blocks:
@@ -103,14 +104,16 @@ class MemoryEfficientEncoder(CausalTransformerEncoder):
         """The memory is bounded whatever ``max_frames`` is: its capacity is the policy's."""
         p = self.clean
         return MemoryEfficientState([StreamingMemory(self.policy, batch, self.config.heads, self.head_dim,
-                                                     p.dtype, p.device) for _ in self.blocks])
+                                                     compute_dtype(p), p.device) for _ in self.blocks])
 
-    def step(self, state: MemoryEfficientState, patches: Tensor) -> tuple[Tensor, MemoryEfficientState]:
+    def step(self, state: MemoryEfficientState, patches: Tensor,
+             conditioning: Conditioning | None = None) -> tuple[Tensor, MemoryEfficientState]:
         # One frame at a time: that is what the fixed buffers take, and a prefill of any length
         # then needs no more memory than generation does.
         out = []
         for i in range(patches.shape[1]):
-            out.append(self.run_blocks(patches[:, i:i + 1], state.frames, None, state.memories))
+            frame_conditioning = None if conditioning is None else conditioning.frames(i, i + 1)
+            out.append(self.run_blocks(patches[:, i:i + 1], state.frames, None, state.memories, frame_conditioning))
             state.frames += 1
         return torch.cat(out, dim=1), state
 

@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
-from pydantic import PositiveInt, model_validator
+from pydantic import PositiveFloat, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from scdkit.hookspecs import hookimpl
 from scdkit.interfaces import ComponentConfig, EncoderState, FrameSpec, VideoModel
 from scdkit.nn.attention import block_causal_mask
-from scdkit.nn.cache import KVCache
+from scdkit.nn.cache import KVCache, compute_dtype
 from scdkit.nn.dit import DiTBlock, FinalLayer, TimestepEmbedding, init_linear_weights
-from scdkit.nn.rope import rope_table, split_head_dim
+from scdkit.nn.rope import check_head_width, rope_table
 
 # Axis legend: b batch · f frames · n tokens per frame · p patch values · d width · L sequence.
 
@@ -41,15 +41,11 @@ class CausalDiTConfig(ComponentConfig):
     width: PositiveInt = 128
     layers: PositiveInt = 6
     heads: PositiveInt = 4
-    mlp_ratio: float = 4.0
+    mlp_ratio: PositiveFloat = 4.0
 
     @model_validator(mode="after")
     def _head_width(self) -> CausalDiTConfig:
-        head = self.width // self.heads
-        # 3-axis RoPE rotates pairs in each of its three parts of the head, so every part must be even
-        if self.width % self.heads or head % 8 or any(part % 2 for part in split_head_dim(head)):
-            raise ValueError(f"width {self.width} / heads {self.heads} gives head width {head}; 3-axis RoPE needs "
-                             "a multiple of 16 (e.g. 16, 32, 64)")
+        check_head_width(self.width, self.heads)
         return self
 
 
@@ -114,7 +110,7 @@ class CausalDiT(VideoModel):
         return self.config.width // self.config.heads
 
     def rope(self, positions: Tensor) -> Tensor:
-        return rope_table(positions, self.frame.grid, self.head_dim).to(self.clean.device)
+        return rope_table(positions, self.frame.grid, self.head_dim)
 
     # -- training: the whole clip at once ---------------------------------------------------------
     def forward(self, clean: Tensor, noisy: Tensor, t: Tensor) -> Tensor:
@@ -126,7 +122,7 @@ class CausalDiT(VideoModel):
         x = rearrange(self.embed(torch.cat([clean, noisy], dim=1)), "b f2 n d -> b (f2 n) d")
         time = rearrange(self.time(t.flatten()), "(b f) d -> b f d", b=b)
         cond = torch.cat([self.clean.expand(b, f, -1), time], dim=1)  # [b 2f d]: one vector per frame
-        positions = torch.arange(f)
+        positions = torch.arange(f, device=clean.device)
         rope = self.rope(torch.cat([positions, positions]))
         mask = teacher_forcing_mask(f, n, device=clean.device)
         for block in self.blocks:
@@ -139,9 +135,9 @@ class CausalDiT(VideoModel):
     # -- streaming ----------------------------------------------------------------------------------
     def new_state(self, batch: int, max_frames: int) -> CausalDiTState:
         p, n = self.clean, self.frame.tokens
-        caches = [KVCache(batch, self.config.heads, max_frames * n, self.head_dim, p.dtype, p.device)
+        caches = [KVCache(batch, self.config.heads, max_frames * n, self.head_dim, compute_dtype(p), p.device)
                   for _ in self.blocks]
-        return CausalDiTState(caches, self.rope(torch.arange(max_frames)), max_frames)
+        return CausalDiTState(caches, self.rope(torch.arange(max_frames, device=p.device)), max_frames)
 
     def observe(self, state: CausalDiTState, patches: Tensor) -> None:
         """Clean frames [b k n p] enter the context: one pass through every layer, keys/values committed."""
@@ -158,21 +154,15 @@ class CausalDiT(VideoModel):
 
     def predict(self, state: CausalDiTState, x_t: Tensor, t: Tensor) -> Tensor:
         """Prediction [b n p] for the frame after the context, at noise time t [b]."""
-        x, cond, rope = self.noisy_inputs(state, x_t, t)
-        for block, slot in zip(self.blocks, state.scratch):
-            x = block(x, cond, rope, cache=slot)
-        return self.final(x, cond)
-
-    def noisy_inputs(self, state: CausalDiTState, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """What the blocks receive when denoising the next frame: tokens [b n d], time cond [b d], RoPE.
-
-        Public so probes can walk the blocks themselves (``scdkit.probe``)."""
         if state.frames >= state.max_frames:
             raise ValueError(f"the stream holds {state.frames} frames, its capacity; predicting one more needs "
                              f"new_state(..., max_frames={state.frames + 1})")
         n = self.frame.tokens
         rope = state.rope[:, state.frames * n:(state.frames + 1) * n]
-        return self.embed(x_t), self.time(t), rope
+        x, cond = self.embed(x_t), self.time(t)
+        for block, slot in zip(self.blocks, state.scratch):
+            x = block(x, cond, rope, cache=slot)
+        return self.final(x, cond)
 
 
 @hookimpl

@@ -10,6 +10,13 @@ import torch
 from torch import Tensor
 
 
+def compute_dtype(reference: Tensor) -> torch.dtype:
+    """The dtype activations have next to ``reference`` (a parameter): the autocast dtype when autocast
+    is on for its device, else its own. Caches allocated in it take keys/values without a cast."""
+    device = reference.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else reference.dtype
+
+
 class KVCache:
     """Keys and values [b h capacity e] with a fill pointer; ``update`` appends and returns the filled part."""
 

@@ -20,6 +20,14 @@ from scdkit.nn.cache import KVCache
 from scdkit.nn.rope import apply_rope
 
 
+def zero_init(linear: nn.Linear) -> nn.Linear:
+    """Zero weights and bias (adaLN-Zero: the block starts as the identity), kept by :func:`init_linear_weights`."""
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    linear.zero_init = True
+    return linear
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """x·(1 + scale) + shift, as one fused kernel over x."""
     return torch.addcmul(shift, x, 1 + scale)
@@ -82,9 +90,7 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        self.ada = nn.Linear(width, 6 * width)
-        nn.init.zeros_(self.ada.weight)
-        nn.init.zeros_(self.ada.bias)
+        self.ada = zero_init(nn.Linear(width, 6 * width))
         self.attend: AttentionFn = sdpa_attention  # replaced by set_attention_backend
 
     def modulation(self, cond: Tensor) -> tuple[Tensor, ...]:
@@ -124,13 +130,8 @@ class FinalLayer(nn.Module):
     def __init__(self, width: int, out_dim: int | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Linear(width, 2 * width)
-        nn.init.zeros_(self.ada.weight)
-        nn.init.zeros_(self.ada.bias)
-        self.out = nn.Linear(width, out_dim) if out_dim is not None else None
-        if self.out is not None:
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
+        self.ada = zero_init(nn.Linear(width, 2 * width))
+        self.out = zero_init(nn.Linear(width, out_dim)) if out_dim is not None else None
 
     def modulation(self, cond: Tensor) -> tuple[Tensor, Tensor]:
         mod = self.ada(nn.functional.silu(cond))
@@ -145,37 +146,47 @@ class FinalLayer(nn.Module):
 
 
 class TimeTable:
-    """Terms that depend on the denoising time alone, computed for a whole sampling schedule at once.
+    """Terms that depend on the denoising time alone (and on per-clip labels, fixed for a generation),
+    computed for a whole sampling schedule at once: one batched matmul per layer instead of one per step.
 
-    ``terms(t)`` maps times [b] to tensors with a leading b axis, possibly nested in tuples and
-    lists (e.g. the adaLN modulations of every block). The table evaluates it once on all the
-    schedule's times (one batched matmul per layer instead of one per step) and answers a call
-    whose times are all one scheduled value with that row, broadcastable over the batch; any other
-    call is computed as usual. Streaming generation builds one per generation.
+    ``terms(t)`` maps times [len(times)·rows] (each time repeated ``rows`` times) to tensors with that
+    leading axis, possibly nested in tuples and lists (e.g. the adaLN modulations of every block).
+    ``table[t]`` for a scheduled time ``t`` (a float: no device sync) is its ``rows`` rows, which
+    broadcast over the batch when ``rows`` is 1; ``table.get(t)`` is None for any other time.
     """
 
-    def __init__(self, terms: Callable[[Tensor], Any], times: Tensor):
-        self.terms = terms
-        batched = terms(times)
-        self.by_time = {t: _row(batched, i) for i, t in enumerate(times.tolist())}
+    def __init__(self, terms: Callable[[Tensor], Any], times: list[float], device: torch.device, rows: int = 1):
+        batched = terms(torch.tensor(times, device=device).repeat_interleave(rows))
+        self.by_time = {t: _rows(batched, i * rows, (i + 1) * rows) for i, t in enumerate(times)}
 
-    def __call__(self, t: Tensor) -> Any:
-        values = set(t.tolist())
-        if len(values) == 1 and (row := self.by_time.get(values.pop())) is not None:
-            return row
-        return self.terms(t)
+    def get(self, t: float) -> Any:
+        return self.by_time.get(t)
 
 
-def _row(tree: Any, i: int) -> Any:
+def _rows(tree: Any, start: int, stop: int) -> Any:
     if isinstance(tree, Tensor):
-        return tree[i:i + 1]
-    return type(tree)(_row(item, i) for item in tree)
+        return tree[start:stop]
+    return type(tree)(_rows(item, start, stop) for item in tree)
+
+
+class LabelEmbedding(nn.Module):
+    """A learned vector per class, plus one for "no label" (index ``classes``, the classifier-free
+    guidance null label), added to the adaLN conditioning."""
+
+    def __init__(self, classes: int, width: int):
+        super().__init__()
+        self.classes = classes
+        self.table = nn.Embedding(classes + 1, width)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        return self.table(labels)
 
 
 def init_linear_weights(module: nn.Module) -> None:
-    """Xavier-uniform weights and zero biases for every Linear not explicitly zero-initialised."""
+    """Xavier-uniform weights and zero biases for every Linear not marked by :func:`zero_init`."""
     for m in module.modules():
-        if isinstance(m, nn.Linear) and m.weight.abs().sum() > 0:
+        if isinstance(m, nn.Linear) and not getattr(m, "zero_init", False):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -48,12 +48,12 @@ def cmd_validate(args) -> int:
     from scdkit.registry import load_registry, validate
 
     try:
-        registry = load_registry(args.registry)
-        notes = validate(registry)
+        notes = validate(load_registry(args.registry, collect=True))
     except RegistryError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
+    registry = load_registry(args.registry)
     counts = ", ".join(f"{len(v)} {k}" for k, v in registry.components.items() if v)
     print(f"{args.registry}: valid ({counts}, {len(registry.pipelines)} pipelines; each dry-built on the meta device)")
     for note in notes:

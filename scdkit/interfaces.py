@@ -414,8 +414,9 @@ class NoiseScheduler(Component, ABC):
         return torch.ones_like(t)
 
     def training_loss(self, prediction: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """Weighted squared error per element (reduce it as the caller needs)."""
-        error = (prediction.float() - self.training_target(x0, noise, t).float()).square()
+        """Weighted squared error per element (reduce it as the caller needs), at least in fp32."""
+        dtype = torch.promote_types(prediction.dtype, torch.float32)  # bf16/fp16 predictions: an fp32 loss
+        error = (prediction.to(dtype) - self.training_target(x0, noise, t).to(dtype)).square()
         return expand_like(self.loss_weight(t), error) * error
 
     @staticmethod

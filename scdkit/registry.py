@@ -88,6 +88,8 @@ class Registry:
     catalog: Catalog
     components: dict[str, dict[str, ComponentEntry]] = field(default_factory=dict)
     pipelines: dict[str, PipelineEntry] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # the static problems, when loaded with ``collect``
+    unbuildable: set[str] = field(default_factory=set)  # pipelines whose own tables have static problems
 
     @property
     def default_pipeline(self) -> str | None:
@@ -188,10 +190,13 @@ class BuildError(ValueError):
 
 def validate(registry: Registry) -> list[str]:
     """Dry-build every pipeline on the meta device and check it against its data set and its checkpoint
-    folder. Raises RegistryError with every problem, each naming file, table and key; returns one note
-    per pipeline with a checkpoint folder (trained at which step, or not trained yet)."""
-    problems, notes = [], []
+    folder. Raises RegistryError with every problem (the static ones of a registry loaded with
+    ``collect`` too), each naming file, table and key; returns one note per pipeline with a checkpoint
+    folder (trained at which step, or not trained yet)."""
+    problems, notes = list(registry.problems), []
     for name, entry in registry.pipelines.items():
+        if name in registry.unbuildable:
+            continue
         where = f"{registry.path}: [pipelines.{name}]"
         try:
             pipeline = registry.dry_build(name)
@@ -263,8 +268,9 @@ def _resolve_plugin(kind: str, plugin: str, settings: Settings, catalog: Catalog
         raise LookupError(str(exc)) from None
 
 
-def load_registry(path: str | Path, catalog: Catalog | None = None) -> Registry:
-    """Parse and validate a registry file; raise RegistryError listing every problem."""
+def load_registry(path: str | Path, catalog: Catalog | None = None, collect: bool = False) -> Registry:
+    """Parse and validate a registry file; raise RegistryError listing every problem. With ``collect``,
+    return the registry with its problems in ``registry.problems`` instead (for :func:`validate`)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -323,6 +329,7 @@ def load_registry(path: str | Path, catalog: Catalog | None = None) -> Registry:
         if frozenset(entry.roles) not in ROLE_SETS:
             problems.append(f"{where}: give either encoder and decoder (SCD) or model (monolithic), not both or neither")
             continue
+        before = len(problems)
         for key, ref in {"scheduler": entry.scheduler, **entry.roles}.items():
             kind = f"{key}s"
             if ref not in registry.components[kind]:
@@ -335,6 +342,8 @@ def load_registry(path: str | Path, catalog: Catalog | None = None) -> Registry:
             problems.append(f"{where}.data: unknown data set {entry.data!r}{did_you_mean(entry.data, DATASETS)} "
                             f"(known: {', '.join(DATASETS)})")
         registry.pipelines[name] = entry
+        if len(problems) > before:
+            registry.unbuildable.add(name)
 
     if not registry.pipelines and not problems:
         problems.append(f"{path}: no [pipelines.*] table: declare at least one pipeline")
@@ -355,6 +364,7 @@ def load_registry(path: str | Path, catalog: Catalog | None = None) -> Registry:
     if settings.attention not in known:
         problems.append(f"{path}: [scdkit].attention: unknown attention backend {settings.attention!r}"
                         f"{did_you_mean(settings.attention, known) or '; known: ' + ', '.join(known)}")
-    if problems:
+    registry.problems = problems
+    if problems and not collect:
         raise RegistryError(problems)
     return registry

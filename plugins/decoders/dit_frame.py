@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from scdkit.hookspecs import hookimpl
@@ -37,10 +37,12 @@ class DiTFrameConfig(ComponentConfig):
     combine: Literal["token_concat", "concat", "add"] = "token_concat"
     classes: NonNegativeInt = 0  # class labels (0: not class-conditioned)
 
-    @model_validator(mode="after")
-    def _head_width(self):
-        check_head_width(self.width, self.heads)
-        return self
+    @field_validator("heads")
+    @classmethod
+    def _head_width(cls, heads: int, info: ValidationInfo) -> int:
+        if "width" in info.data:  # a bad width is reported on its own
+            check_head_width(info.data["width"], heads)
+        return heads
 
 
 class DiTFrameDecoder(FrameDecoder):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from scdkit.hookspecs import hookimpl
@@ -36,10 +36,12 @@ class CausalTransformerConfig(ComponentConfig):
     mlp_ratio: PositiveFloat = 4.0
     actions: NonNegativeInt = 0  # width of a per-frame action (0: not action-conditioned)
 
-    @model_validator(mode="after")
-    def _head_width(self):
-        check_head_width(self.width, self.heads)
-        return self
+    @field_validator("heads")
+    @classmethod
+    def _head_width(cls, heads: int, info: ValidationInfo) -> int:
+        if "width" in info.data:  # a bad width is reported on its own
+            check_head_width(info.data["width"], heads)
+        return heads
 
 
 class CausalTransformerState(EncoderState):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
-from pydantic import PositiveFloat, PositiveInt, model_validator
+from pydantic import PositiveFloat, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from scdkit.hookspecs import hookimpl
@@ -43,10 +43,12 @@ class CausalDiTConfig(ComponentConfig):
     heads: PositiveInt = 4
     mlp_ratio: PositiveFloat = 4.0
 
-    @model_validator(mode="after")
-    def _head_width(self) -> CausalDiTConfig:
-        check_head_width(self.width, self.heads)
-        return self
+    @field_validator("heads")
+    @classmethod
+    def _head_width(cls, heads: int, info: ValidationInfo) -> int:
+        if "width" in info.data:  # a bad width is reported on its own
+            check_head_width(info.data["width"], heads)
+        return heads
 
 
 def teacher_forcing_mask(frames: int, tokens: int, device: torch.device | None = None) -> Tensor:

@@ -66,8 +66,8 @@ class TimestepEmbedding(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         half = self.frequencies // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (t.float() * 1000.0)[:, None] * freqs[None]
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+        args = (t.float() * 1000.0)[:, None] * freqs[None]  # fp32 whatever the weights: t·1000 needs the bits
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 class DiTBlock(nn.Module):

@@ -200,19 +200,20 @@ def test_ancestral_draws_noise_from_the_generator_but_not_at_the_last_step():
 
 
 def test_ancestral_step_keeps_the_forward_marginal():
-    """Given the true x0 and noise, one step lands on q(x_next | x0) = N(alpha_next·x0, sigma_next²)."""
+    """Given the true x0 and noise, one step lands on q(x_next | x0) = N(alpha_next·x0, sigma_next²),
+    correlated with the current noise by the posterior's weight on x_t."""
     scheduler = AncestralDDPM(DDIMConfig())
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(200_000, generator=g), torch.randn(200_000, generator=g)
     for index in (0, 2):
         state = scheduler.begin(5)
         state.index = index
-        t, t_next = torch.tensor([state.t]), torch.tensor([state.t_next])
-        x_next = scheduler.step(state, noise, scheduler.add_noise(x0, noise, t), g)
-        alpha, sigma = scheduler.alpha_sigma(t_next)
-        z = (x_next - alpha * x0) / sigma
-        assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01, (index, z.mean(), z.std())
-        assert abs(torch.corrcoef(torch.stack([z, noise]))[0, 1].item() - (1 - (scheduler.alpha_sigma(t)[0] / alpha) ** 2 * 0 )) < 2, ""
+        (alpha, alpha_next), (sigma, sigma_next) = scheduler.alpha_sigma(torch.tensor([state.t, state.t_next]))
+        x_next = scheduler.step(state, noise, alpha * x0 + sigma * noise, g)
+        z = (x_next - alpha_next * x0) / sigma_next
+        corr = torch.corrcoef(torch.stack([z, x0, noise]))[0]
+        assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01 and abs(corr[1]) < 0.01, (index, z.mean(), z.std())
+        assert abs(corr[2] - alpha / alpha_next * sigma_next / sigma) < 0.01, (index, corr[2])
 
 
 def test_ancestral_seeds_in_a_pipeline(tiny):

@@ -11,7 +11,8 @@ Data flow: Batch(video [b f c H W], labels [b], actions [b f a]) --patchify--> p
 
 **Time.** Every decoder and model receives the noise time ``t`` as a float in [0, 1]: 1 is pure
 noise, 0 the clean sample, ``x_t = alpha(t)·x0 + sigma(t)·noise`` for the scheduler's ``alpha_sigma``.
-Schedulers with discrete timesteps (DDPM, DDIM) hand over ``timestep / train_steps``. The built-in
+Schedulers with discrete timesteps (DDPM, DDIM) count them 1..T from the least to the most noisy, with 0 the
+clean sample (the DDPM paper's convention; diffusers' timestep k is k + 1 here), and hand over ``k / T``. The built-in
 blocks embed ``t·1000`` sinusoidally (``scdkit.nn.dit.TimestepEmbedding``).
 
 **Conditioning.** Class labels [b] and per-frame actions [b f a] travel beside the video in a

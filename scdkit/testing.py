@@ -236,6 +236,18 @@ def check_scheduler(cls, config=None) -> None:
     _close(first, x0, "sampling with exact predictions must recover x0", atol=1e-4)
     again = _walk_with_exact_predictions(scheduler, x0, noise, 8, seed=6)
     assert torch.equal(first, again), "the same generator must give the same samples"
+    check_scheduler_device(scheduler)
+
+
+def check_scheduler_device(scheduler: NoiseScheduler) -> None:
+    """Every tensor follows its inputs: run on meta tensors, where one made on the CPU would fail."""
+    meta = torch.device("meta")
+    x0, t = torch.zeros(2, 4, 3, device=meta), torch.full((2,), 0.5, device=meta)
+    outputs = [scheduler.add_noise(x0, x0, t), scheduler.training_target(x0, x0, t),
+               scheduler.training_loss(x0, x0, x0, t), scheduler.sample_timesteps((2,), device=meta)]
+    state = scheduler.begin(2, meta)
+    outputs += [scheduler.step(state, x0, x0), scheduler.step(state, x0, x0)]
+    assert all(out.device == meta for out in outputs), "a scheduler must make its tensors on its inputs' device"
 
 
 # -- monolithic models -------------------------------------------------------------------------

@@ -10,9 +10,11 @@ benchmarks/results/*.json. Nothing here is asserted: these are measurements of t
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,8 +22,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from scdkit.bench import BenchConfig, BenchRun, plot_sweep, run_bench
+from scdkit.bench import BenchConfig, BenchRun, build_pipelines, plot_sweep, run_bench, time_generation
 from scdkit.encoder_bench import curves_markdown, encoder_curves, plot_curves, training_curves, training_markdown
+from scdkit.evaluate import EvalConfig
 from scdkit.registry import load_registry
 from scdkit.swap_eval import markdown as swap_markdown
 from scdkit.swap_eval import swap_eval
@@ -31,6 +34,7 @@ from paper_table import update_report  # noqa: E402  (a sibling script, not a pa
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH, CURVES, SWAPS = "## SCD vs causal DiT (`scdkit bench`)", "## Encoder curves", "## Encoder swaps"
+COMPILE = "## torch.compile (`--compile`)"
 
 
 def parse_args(argv):
@@ -41,7 +45,9 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=9, help="timed steps per curve point (median)")
     parser.add_argument("--train-lengths", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--swap-frames", type=int, default=32, help="generated frames per clip in swap-eval")
-    parser.add_argument("--only", choices=["bench", "curves", "swaps"], nargs="+", default=["bench", "curves", "swaps"])
+    parser.add_argument("--only", choices=["bench", "curves", "swaps", "compile"], nargs="+",
+                        default=["bench", "curves", "swaps", "compile"])
+    parser.add_argument("--compile-repeats", type=int, default=3, help="timed runs per model in the compile section")
     parser.add_argument("--registry", default=str(ROOT / "registry.toml"))
     parser.add_argument("--report", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
@@ -83,6 +89,33 @@ Per-frame cost once N frames exist (prefill N, then the median of the last 2 of 
 
     {command}
 """
+
+
+def compile_comparison(pipelines: dict, context: int, generated: int, repeats: int, say) -> dict:
+    """Eager and compiled copies of each pipeline, timed interleaved in one process after their warm-up;
+    ``warmup_s`` of a compiled copy is its first (compiling) generation."""
+    runs = {}
+    for name, pipeline in pipelines.items():
+        compiled = copy.deepcopy(pipeline)
+        compiled.compile_streaming()
+        for variant, built in (("eager", pipeline), ("compiled", compiled)):
+            say(f"{name} {variant}: warm-up")
+            started = time.perf_counter()
+            time_generation({f"{name} {variant}": built}, context, 2, 1)
+            runs[f"{name} {variant}"] = {"pipeline": built, "warmup_s": time.perf_counter() - started}
+    timings = time_generation({k: v["pipeline"] for k, v in runs.items()}, context, generated, repeats, progress=say)
+    return {k: {"per_frame_s": statistics.median(timings[k].frame_s), "warmup_s": v["warmup_s"]} for k, v in runs.items()}
+
+
+def compile_rows(result: dict) -> list[str]:
+    rows = ["| model | eager s/frame | compiled s/frame | compiled / eager | warm-up eager (s) | warm-up compiled (s) |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(key.split(" ")[0] for key in result):
+        eager, compiled = result[f"{name} eager"], result[f"{name} compiled"]
+        rows.append(f"| {name} | {eager['per_frame_s']:.4f} | {compiled['per_frame_s']:.4f} | "
+                    f"{compiled['per_frame_s'] / eager['per_frame_s']:.2f}× | {eager['warmup_s']:.1f} | "
+                    f"{compiled['warmup_s']:.1f} |")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -127,7 +160,7 @@ Training: peak tensor memory of one forward + backward over a clip of N frames.
 """
     if "swaps" in args.only:
         names = args.encoders.split(",")
-        swap = swap_eval(registry, registry.default_pipeline, names, {}, frames=args.swap_frames,
+        swap = swap_eval(registry, registry.default_pipeline, names, {}, EvalConfig(frames=args.swap_frames),
                          progress=lambda row: say(f"swap-eval {row.encoder} done"))
         (out / "results" / "swap_eval.json").write_text(json.dumps(swap.to_json(), indent=1))
         sections[SWAPS] = f"""{SWAPS}
@@ -139,6 +172,32 @@ clips, so frames past the training length show how each context policy copes), 3
 {swap_markdown(swap)}
 
     scdkit swap-eval --encoders {args.encoders} --frames {args.swap_frames} --markdown
+"""
+    if "compile" in args.only:
+        config = BenchConfig()
+        paper = compile_comparison(build_pipelines(config), config.context_frames, 4, args.compile_repeats, say)
+        shipped = {name: registry.build(name) for name in ("scd-digits", "baseline-digits")}
+        small = compile_comparison(shipped, 4, 8, args.compile_repeats, say)
+        (out / "results" / "compile.json").write_text(json.dumps({"paper": paper, "shipped": small}, indent=1))
+        sections[COMPILE] = f"""{COMPILE}
+
+{stamp} `torch.compile` (inductor, default options) of the per-step network call and the per-frame context
+step — for SCD the decoder and the encoder step, for the causal DiT its `predict` and `observe` — applied to
+both models the same way (`Pipeline.compile_streaming`, what `--compile` calls). Eager and compiled copies are
+timed interleaved in one process after their warm-up; the compiled copy's warm-up is its first generation,
+compilation included. Per-frame latency is the median over steady frames, batch 1, fp32,
+{torch.get_num_threads()} threads.
+
+At the paper protocol (random weights, width {config.width}, {config.encoder_layers} + {config.decoder_layers} vs
+{config.baseline_layers} layers, {config.steps} steps, {config.context_frames} context frames, 4 frames per run):
+
+{chr(10).join(compile_rows(paper))}
+
+The shipped pipelines (`scd-digits`, `baseline-digits`: width 128, 30 steps, 4 context frames, 8 frames per run):
+
+{chr(10).join(compile_rows(small))}
+
+    {command}
 """
     update_report(report, sections)
     say(f"wrote {report}")

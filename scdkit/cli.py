@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_options(p.add_argument_group("runtime"), Runtime, exclude=runtime_exclude)
 
     p = sub.add_parser("train", help="train a pipeline")
-    registry_args(p)
+    registry_args(p, runtime_exclude=["compile"])  # compilation is for streaming generation
     add_model_options(p.add_argument_group("training"), TrainConfig)
     add_model_options(p.add_argument_group("SCD loss recipe"), Recipe)
     p.add_argument("--out", default=None, help="checkpoint directory (default: the pipeline's)")

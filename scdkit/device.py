@@ -67,7 +67,7 @@ def check_precision(precision: str, device: torch.device) -> None:
     if dtype is None:
         return
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"--precision bf16: this CUDA device does not support bf16; use fp16")
+        raise UsageError("--precision bf16: this CUDA device does not support bf16; use fp16")
     with warnings.catch_warnings(record=True) as caught:  # torch warns (and disables) for an unsupported dtype
         warnings.simplefilter("always")
         with torch.autocast(device.type, dtype=dtype):

@@ -141,7 +141,7 @@ def print_report(report: dict, console: Console) -> None:
 def run_generate(pipeline: Pipeline, data: str, config: EvalConfig = EvalConfig(), gif: Path = Path("out/generate.gif"),
                  video: Path | None = None, as_json: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
-    clips, context, frames, seed = config.clips, config.context, config.frames, config.seed
+    clips, context, frames = config.clips, config.context, config.frames
     steps = config.steps or pipeline.scheduler.steps
     status = Console(stderr=True)  # progress on stderr: --json output stays clean
     status.print(f"{pipeline.name}: continuing {clips} held-out {data} clips ({context} context -> {frames} frames, "

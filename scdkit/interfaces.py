@@ -142,12 +142,6 @@ class Batch:
     def conditioning(self) -> Conditioning:
         return Conditioning(self.labels, self.actions)
 
-    @property
-    def provides(self) -> ConditioningSpec:
-        """The spec this batch meets (class count unknown from one batch: 1 stands for 'has labels')."""
-        return ConditioningSpec(classes=int(self.labels is not None),
-                                actions=0 if self.actions is None else self.actions.shape[-1])
-
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         """On ``device``; the video and actions in ``dtype`` (labels stay integers)."""
         def move(x: Tensor | None, floating: bool) -> Tensor | None:

@@ -268,7 +268,7 @@ class Pipeline(nn.Module):
         self.check_conditioning(batch, k + frames - 1)
         self.train(False)
         device = self.device
-        times = self.scheduler.begin(steps, device).times  # checks ``steps`` before any work
+        times = self.scheduler.begin(steps, device).times  # checks ``steps`` before any work; prepare() tabulates
         shape = (b, self.frame.tokens, self.frame.patch_dim)
         with self.autocast():
             state = self.model.new_state(b, k + frames, batch.conditioning)
@@ -279,7 +279,7 @@ class Pipeline(nn.Module):
             for i in range(frames):
                 x = torch.randn(shape, generator=generator, device=device, dtype=self.dtype)
                 sampling = self.scheduler.begin(steps, device)  # a fresh solver state per frame
-                for t in times[:-1]:
+                for t in sampling.times[:-1]:
                     x = self.scheduler.step(sampling, self.model.predict(state, x, t), x, generator)
                 outputs.append(x)
                 stamps.append(synchronize(device))

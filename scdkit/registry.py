@@ -28,7 +28,7 @@ from torch import nn
 
 from scdkit.backends import DEFAULT as DEFAULT_ATTENTION
 from scdkit.backends import choose_attention_backend, known_backends, use_attention_backend
-from scdkit.checkpoint import checkpoint_problems, load_component, read_metadata
+from scdkit.checkpoint import checkpoint_problems, load_component
 from scdkit.data import DATASETS
 from scdkit.errors import CheckpointError, RegistryError, did_you_mean
 from scdkit.interfaces import FrameSpec

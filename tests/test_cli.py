@@ -45,6 +45,18 @@ def test_bad_arguments_exit_2_with_one_line(capsys):
     assert err == "scdkit: error: unrecognized arguments: --stepz 3"  # one prefix, not two
 
 
+def test_a_bad_config_value_is_one_line_before_any_work(tiny_registry, capsys):
+    assert main(["train", "--registry", str(tiny_registry), "--ema", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "scdkit: error: --ema 1.5: Input should be less than 1"
+    assert not (tiny_registry.parent / "ckpt").exists()
+    assert main(["train", "--registry", str(tiny_registry), "--frames", "1", "--batch", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--frames 1: " in err and "--batch 0: " in err  # every bad value at once
+    assert main(["train", "--registry", str(tiny_registry), "--noise-draws", "0"]) == 2  # the nested Recipe too
+    assert "--noise-draws 0: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
 def test_missing_checkpoint_is_a_one_line_error(tiny_registry, capsys):
     assert main(["generate", "--registry", str(tiny_registry), "--gif", str(tiny_registry.parent / "x.gif")]) == 2
     err = capsys.readouterr().err.strip()

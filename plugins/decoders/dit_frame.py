@@ -20,29 +20,19 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, ValidationInfo, field_validator
+from pydantic import NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
 from scdkit.hookspecs import hookimpl
-from scdkit.interfaces import ComponentConfig, CondSpec, Conditioning, ConditioningSpec, FrameDecoder, FrameSpec
-from scdkit.nn.dit import DiTBlock, FinalLayer, LabelEmbedding, TimestepEmbedding, init_linear_weights
-from scdkit.nn.rope import check_head_width, rope_table
+from scdkit.interfaces import CondSpec, Conditioning, ConditioningSpec, FrameDecoder, FrameSpec
+from scdkit.nn.dit import DiTBlock, DiTConfig, FinalLayer, LabelEmbedding, TimestepEmbedding, init_linear_weights
+from scdkit.nn.rope import rope_table
 
 
-class DiTFrameConfig(ComponentConfig):
-    width: PositiveInt = 128
+class DiTFrameConfig(DiTConfig):
     layers: PositiveInt = 2
-    heads: PositiveInt = 4
-    mlp_ratio: PositiveFloat = 4.0
     combine: Literal["token_concat", "concat", "add"] = "token_concat"
     classes: NonNegativeInt = 0  # class labels (0: not class-conditioned)
-
-    @field_validator("heads")
-    @classmethod
-    def _head_width(cls, heads: int, info: ValidationInfo) -> int:
-        if "width" in info.data:  # a bad width is reported on its own
-            check_head_width(info.data["width"], heads)
-        return heads
 
 
 class DiTFrameDecoder(FrameDecoder):

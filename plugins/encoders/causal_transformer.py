@@ -17,31 +17,21 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, ValidationInfo, field_validator
+from pydantic import NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
 from scdkit.hookspecs import hookimpl
-from scdkit.interfaces import (CausalEncoder, ComponentConfig, CondSpec, Conditioning, ConditioningSpec, EncoderState,
+from scdkit.interfaces import (CausalEncoder, CondSpec, Conditioning, ConditioningSpec, EncoderState,
                                FrameSpec)
 from scdkit.nn.attention import block_causal_mask
 from scdkit.nn.cache import KVCache, compute_dtype
-from scdkit.nn.dit import DiTBlock, FinalLayer, init_linear_weights
-from scdkit.nn.rope import check_head_width, rope_table
+from scdkit.nn.dit import DiTBlock, DiTConfig, FinalLayer, init_linear_weights
+from scdkit.nn.rope import rope_table
 
 
-class CausalTransformerConfig(ComponentConfig):
-    width: PositiveInt = 128
+class CausalTransformerConfig(DiTConfig):
     layers: PositiveInt = 4
-    heads: PositiveInt = 4
-    mlp_ratio: PositiveFloat = 4.0
     actions: NonNegativeInt = 0  # width of a per-frame action (0: not action-conditioned)
-
-    @field_validator("heads")
-    @classmethod
-    def _head_width(cls, heads: int, info: ValidationInfo) -> int:
-        if "width" in info.data:  # a bad width is reported on its own
-            check_head_width(info.data["width"], heads)
-        return heads
 
 
 class CausalTransformerState(EncoderState):

@@ -24,31 +24,21 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
-from pydantic import PositiveFloat, PositiveInt, ValidationInfo, field_validator
+from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from scdkit.hookspecs import hookimpl
-from scdkit.interfaces import ComponentConfig, EncoderState, FrameSpec, VideoModel
+from scdkit.interfaces import EncoderState, FrameSpec, VideoModel
 from scdkit.nn.attention import block_causal_mask
 from scdkit.nn.cache import KVCache, compute_dtype
-from scdkit.nn.dit import DiTBlock, FinalLayer, TimestepEmbedding, init_linear_weights
-from scdkit.nn.rope import check_head_width, rope_table
+from scdkit.nn.dit import DiTBlock, DiTConfig, FinalLayer, TimestepEmbedding, init_linear_weights
+from scdkit.nn.rope import rope_table
 
 # Axis legend: b batch · f frames · n tokens per frame · p patch values · d width · L sequence.
 
 
-class CausalDiTConfig(ComponentConfig):
-    width: PositiveInt = 128
+class CausalDiTConfig(DiTConfig):
     layers: PositiveInt = 6
-    heads: PositiveInt = 4
-    mlp_ratio: PositiveFloat = 4.0
-
-    @field_validator("heads")
-    @classmethod
-    def _head_width(cls, heads: int, info: ValidationInfo) -> int:
-        if "width" in info.data:  # a bad width is reported on its own
-            check_head_width(info.data["width"], heads)
-        return heads
 
 
 def teacher_forcing_mask(frames: int, tokens: int, device: torch.device | None = None) -> Tensor:

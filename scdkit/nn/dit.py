@@ -13,11 +13,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from pydantic import PositiveFloat, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
+from scdkit.interfaces import ComponentConfig
 from scdkit.nn.attention import AttentionFn, sdpa_attention
 from scdkit.nn.cache import KVCache
-from scdkit.nn.rope import apply_rope
+from scdkit.nn.rope import apply_rope, check_head_width
+
+
+class DiTConfig(ComponentConfig):
+    """The shape of a stack of DiT blocks, shared by the built-in encoder, decoder and baseline configs.
+    The head width must suit 3-axis RoPE; checked on ``heads``, so ``scdkit validate`` names that key."""
+
+    width: PositiveInt = 128
+    heads: PositiveInt = 4
+    mlp_ratio: PositiveFloat = 4.0
+
+    @field_validator("heads")
+    @classmethod
+    def _head_width(cls, heads: int, info: ValidationInfo) -> int:
+        if "width" in info.data:  # a bad width is reported on its own
+            check_head_width(info.data["width"], heads)
+        return heads
 
 
 def zero_init(linear: nn.Linear) -> nn.Linear:
@@ -105,7 +123,7 @@ class DiTBlock(nn.Module):
         # q and k go through the norm and RoPE stacked, each with its own RMSNorm weight: one
         # pass instead of two, which counts when the sequence is one frame of a few dozen tokens
         weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None, None, None]
-        qk = rms_norm(qkv[:2], self.q_norm.eps) * weight
+        qk = (rms_norm(qkv[:2], self.q_norm.eps) * weight).to(qkv.dtype)  # under autocast q, k, v share a dtype
         if rope is not None:
             qk = apply_rope(qk, rope)
         return qk[0], qk[1], qkv[2]

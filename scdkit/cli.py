@@ -84,7 +84,9 @@ def _say(message: str) -> None:
     err_console.print(message, highlight=False)
 
 
-def _pipeline(args, load: bool = True):
+def _pipeline(args, load: bool = True, steps: int | None = None):
+    """Build the pipeline the options name, check the sampling ``steps`` it will use, then say where it runs
+    (after every check, so that an error stays one line)."""
     from scdkit.registry import load_registry
 
     registry = load_registry(args.registry)
@@ -92,6 +94,7 @@ def _pipeline(args, load: bool = True):
     options, compile_steps, where = _build_options(args)
     pipeline = registry.build(name, load=load, checkpoint=getattr(args, "checkpoint", None) if load else None,
                               **options)
+    pipeline.sampling_times(steps)
     if compile_steps:
         pipeline.compile_streaming()
     _say(where)
@@ -123,7 +126,7 @@ def cmd_generate(args) -> int:
     config = model_from_args(EvalConfig, args)
     if args.video:
         check_video_support(Path(args.video))  # before minutes of work, not after
-    registry, name, pipeline = _pipeline(args)
+    registry, name, pipeline = _pipeline(args, steps=config.steps)
     run_generate(pipeline, registry.pipelines[name].data, config, gif=Path(args.gif),
                  video=Path(args.video) if args.video else None, as_json=args.json, console=console)
     return 0

@@ -44,7 +44,7 @@ def resolve_device(name: str = "auto") -> tuple[torch.device, str]:
         return torch.device("cpu"), "device: auto picked cpu (no cuda or mps)"
     if not _available(kind):
         raise UsageError(f"--device {name}: not available on this machine (torch {torch.__version__}, "
-                         f"cuda available: {torch.cuda.is_available()})")
+                         f"torch.{'cuda' if kind == 'cuda' else 'backends.mps'}.is_available() is False)")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")

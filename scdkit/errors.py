@@ -16,8 +16,8 @@ class ScdkitError(Exception):
     exit_code = 1
 
 
-class UsageError(ScdkitError):
-    """Bad command-line arguments or configuration values."""
+class UsageError(ScdkitError, ValueError):
+    """Bad command-line arguments, configuration values or inputs (a ValueError to library callers)."""
 
     exit_code = 2
 

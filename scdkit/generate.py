@@ -15,8 +15,8 @@ from rich.table import Table
 from torch import Tensor
 
 from scdkit.errors import UsageError
-from scdkit.files import atomic_path
 from scdkit.evaluate import EvalConfig, Evaluation, evaluate_continuation, held_out_clips
+from scdkit.files import atomic_path
 from scdkit.interfaces import Batch
 from scdkit.pipeline import Generation, Pipeline
 
@@ -130,7 +130,8 @@ def print_report(report: dict, console: Console) -> None:
     console.print(table)
     first4 = report["psnr_first4"]
     verdict = "beats" if first4["model"] > first4["repeat_last"] else "does NOT beat"
-    console.print(f"PSNR over the first 4 generated frames: model {first4['model']:.2f} dB {verdict} "
+    first = min(4, report["generated_frames"])
+    console.print(f"PSNR over the first {first} generated frame{'s' * (first > 1)}: model {first4['model']:.2f} dB {verdict} "
                   f"repeat-last {first4['repeat_last']:.2f} dB ({first4['model'] - first4['repeat_last']:+.2f} dB)")
     t = report["timing_batch1"]
     console.print(f"streaming, batch 1: time to first frame {t['first_frame_s'] * 1000:.1f} ms (prefill included), "
@@ -144,8 +145,9 @@ def run_generate(pipeline: Pipeline, data: str, config: EvalConfig = EvalConfig(
     clips, context, frames = config.clips, config.context, config.frames
     steps = config.steps or pipeline.scheduler.steps
     status = Console(stderr=True)  # progress on stderr: --json output stays clean
-    status.print(f"{pipeline.name}: continuing {clips} held-out {data} clips ({context} context -> {frames} frames, "
-                 f"{steps} steps), then timing batch-1 streaming ...", highlight=False)
+    status.print(f"{pipeline.name}: continuing {clips} held-out {data} clip{'s' * (clips > 1)} "
+                 f"({context} context -> {frames} frames, {steps} steps), then timing batch-1 streaming ...",
+                 highlight=False)
     result = evaluate_continuation(pipeline, data, config.model_copy(update={"steps": steps}))
     timing = time_streaming(pipeline, held_out_clips(pipeline, data, 1, context + frames, seed=99).context(context),
                             frames, steps)

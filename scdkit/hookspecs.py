@@ -25,12 +25,15 @@ def scdkit_register_encoders(register):
 
 @hookspec
 def scdkit_register_decoders(register):
-    """Register frame decoders: ``register(cls)`` for each ``FrameDecoder`` subclass. Since 0.1.0."""
+    """Register frame decoders: ``register(cls)`` for each ``FrameDecoder`` subclass. Since 0.1.0; conditioning
+    (``accepts`` and a ``conditioning`` argument, only for decoders that declare it) since 0.2.0."""
 
 
 @hookspec
 def scdkit_register_schedulers(register):
-    """Register noise schedulers: ``register(cls)`` for each ``NoiseScheduler`` subclass. Since 0.1.0."""
+    """Register noise schedulers: ``register(cls)`` for each ``NoiseScheduler`` subclass. Since 0.1.0; the
+    contract (``steps``, ``prediction_type``, ``alpha_sigma``, sampling through ``begin``/``step`` with a
+    per-run ``SamplingState`` and a generator) since 0.2.0."""
 
 
 @hookspec

@@ -21,6 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from scdkit.device import AUTOCAST_DTYPES, synchronize
+from scdkit.errors import UsageError
 from scdkit.interfaces import (Batch, CausalEncoder, Conditioning, EncoderState, FrameDecoder, FrameSpec,
                                NoiseScheduler, Recipe, StagedDecoder, StreamingModel, VideoModel, as_batch, given)
 from scdkit.nn.dit import TimeTable
@@ -234,15 +235,22 @@ class Pipeline(nn.Module):
         generation afterwards pays the compilation."""
         self.model.compile_steps(**options)
 
+    def sampling_times(self, steps: int | None = None) -> list[float]:
+        """The decoder times of a sampling run of ``steps`` steps; a UsageError for steps the scheduler refuses."""
+        try:
+            return self.scheduler.begin(steps, self.device).times
+        except ValueError as exc:
+            raise UsageError(f"{self.scheduler.plugin_name}: {exc}") from exc
+
     def check_conditioning(self, batch: Batch, frames: int) -> None:
-        """A ValueError naming what this pipeline needs and the batch lacks (``frames``: actions needed)."""
+        """A UsageError naming what this pipeline needs and the batch lacks (``frames``: actions needed)."""
         accepts = self.model.accepts
         if accepts.classes and batch.labels is None:
-            raise ValueError(f"pipeline {self.name!r} is class-conditioned: give labels [b] with the video")
+            raise UsageError(f"pipeline {self.name!r} is class-conditioned: give labels [b] with the video")
         if accepts.actions:
             have = 0 if batch.actions is None else batch.actions.shape[1]
             if have < frames:
-                raise ValueError(f"pipeline {self.name!r} is action-conditioned: give actions for {frames} frames "
+                raise UsageError(f"pipeline {self.name!r} is action-conditioned: give actions for {frames} frames "
                                  f"([b {frames} {accepts.actions}]), got {have}")
 
     def loss(self, batch: Batch | Tensor, recipe: Recipe | None = None,
@@ -268,7 +276,7 @@ class Pipeline(nn.Module):
         self.check_conditioning(batch, k + frames - 1)
         self.train(False)
         device = self.device
-        times = self.scheduler.begin(steps, device).times  # checks ``steps`` before any work; prepare() tabulates
+        times = self.sampling_times(steps)  # checks ``steps`` before any work; prepare() tabulates them
         shape = (b, self.frame.tokens, self.frame.patch_dim)
         with self.autocast():
             state = self.model.new_state(b, k + frames, batch.conditioning)

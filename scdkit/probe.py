@@ -134,7 +134,7 @@ def probe_pipeline(pipeline: Pipeline, context: Batch, steps: int | None = None,
     batch = context.to(device, pipeline.dtype)
     b, k = batch.video.shape[:2]
     pipeline.train(False)
-    times = pipeline.scheduler.begin(steps, device).times
+    times = pipeline.sampling_times(steps)
     blocks = [m for m in model.modules() if isinstance(m, DiTBlock)]
     recorder = Recorder(blocks, pipeline.frame.tokens)
     with pipeline.autocast():

@@ -99,7 +99,7 @@ class Trainer:
         for i, p in enumerate(params):
             state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optimizer.{i}.")}
             if state:
-                state["step"] = state["step"].reshape(())
+                state["step"] = state["step"].reshape(()).cpu()  # AdamW keeps its step count on the CPU
                 self.optimizer.state[p] = state
         self.step = int(meta["step"])
         return True

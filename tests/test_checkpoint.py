@@ -1,5 +1,8 @@
 """Safetensors checkpoints: metadata checked against the registry, atomic writes, bad files refused."""
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -22,6 +25,15 @@ def test_metadata_is_complete(tmp_path):
     meta = read_metadata(tmp_path / "e.safetensors")
     assert meta["plugin"] == "causal-transformer" and meta["step"] == "42" and meta["role"] == "encoder"
     assert {"plugin_version", "config", "contract", "frame", "scdkit_version"} <= meta.keys()
+
+
+def test_checkpoints_get_normal_permissions(tmp_path):
+    path = tmp_path / "e.safetensors"
+    save_component(encoder(), path, "encoder")  # safetensors itself creates files 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]  # no temporary file left
 
 
 def test_mismatch_lists_every_differing_field(tmp_path):

@@ -57,6 +57,23 @@ def test_a_bad_config_value_is_one_line_before_any_work(tiny_registry, capsys):
     assert "--noise-draws 0: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
+def test_steps_a_scheduler_refuses_are_one_line(tiny_registry, monkeypatch, capsys):
+    from scdkit.plugins.schedulers.flow_match_euler import FlowMatchEuler
+
+    def begin(self, steps=None, device=None):
+        raise ValueError(f"{steps} sampling steps exceed the 1000 training timesteps")
+
+    assert main(["train", "--registry", str(tiny_registry), "--steps", "1", "--batch", "1", "--frames", "2",
+                 "--eval-every", "0"]) == 0
+    monkeypatch.setattr(FlowMatchEuler, "begin", begin)
+    capsys.readouterr()
+    gif = tiny_registry.parent / "x.gif"
+    assert main(["generate", "--registry", str(tiny_registry), "--steps", "3000", "--gif", str(gif)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("flow-match-euler: 3000 sampling steps exceed the 1000 training timesteps"), err
+    assert len(err.splitlines()) == 1 and not gif.exists()
+
+
 def test_missing_checkpoint_is_a_one_line_error(tiny_registry, capsys):
     assert main(["generate", "--registry", str(tiny_registry), "--gif", str(tiny_registry.parent / "x.gif")]) == 2
     err = capsys.readouterr().err.strip()

@@ -69,15 +69,15 @@ def _help(field: FieldInfo, metadata: list) -> str:
 
 
 def add_model_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, model: type[BaseModel], *,
-                      exclude: Iterable[str] = (), prefix: str = "", dest_prefix: str = "") -> None:
-    """Add one ``--option`` per field of ``model``: ``noise_draws`` becomes ``--{prefix}noise-draws`` stored in
-    ``dest_prefix + "noise_draws"``. Nested-model fields are skipped: call this again for the nested model."""
+                      exclude: Iterable[str] = ()) -> None:
+    """Add one ``--option`` per field of ``model``: ``noise_draws`` becomes ``--noise-draws``. Nested-model
+    fields are skipped: call this again for the nested model."""
     exclude = set(exclude)
     for name, field in model.model_fields.items():
         annotation, extra, optional = _unwrap(field.annotation)
         if name in exclude or _is_model(annotation):
             continue
-        kwargs: dict[str, Any] = {"dest": dest_prefix + name, "default": None,
+        kwargs: dict[str, Any] = {"dest": name, "default": None,
                                   "help": _help(field, [*field.metadata, *extra])}
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
@@ -91,16 +91,13 @@ def add_model_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
             kwargs["type"] = annotation if annotation in _SCALARS else str
             if optional and annotation in (int, float):
                 kwargs["metavar"] = "N" if annotation is int else "X"
-        parser.add_argument(f"--{prefix}{name.replace('_', '-')}", **kwargs)
+        parser.add_argument(f"--{name.replace('_', '-')}", **kwargs)
 
 
-def model_from_args(model: type[M], args: argparse.Namespace, *, dest_prefix: str = "", prefix: str = "",
-                    **overrides: Any) -> M:
+def model_from_args(model: type[M], args: argparse.Namespace, **overrides: Any) -> M:
     """Build ``model`` from the options given (``None`` = not given: the field's default) plus ``overrides``
-    (e.g. a nested model instance). Invalid values raise one-line ``UsageError``s naming the option as typed;
-    pass the same ``prefix`` as to ``add_model_options`` for that."""
-    given = {name: value for name in model.model_fields
-             if (value := getattr(args, dest_prefix + name, None)) is not None}
+    (e.g. a nested model instance). Invalid values raise one-line ``UsageError``s naming the option as typed."""
+    given = {name: value for name in model.model_fields if (value := getattr(args, name, None)) is not None}
     try:
         return model(**{**given, **overrides})
     except ValidationError as exc:
@@ -111,7 +108,7 @@ def model_from_args(model: type[M], args: argparse.Namespace, *, dest_prefix: st
             name = loc[0] if loc else None
             if name in model.model_fields and name not in overrides:  # name the option as typed
                 value = f" {_show(error['input'])}" if name in given else ""  # missing: no value to show
-                problems.append(f"--{prefix}{str(name).replace('_', '-')}{value}: {message}")
+                problems.append(f"--{str(name).replace('_', '-')}{value}: {message}")
             elif loc:  # inside an override: no option to name
                 problems.append(f"{'.'.join(map(str, loc))}: {message}")
             else:  # a model validator: its message names the fields

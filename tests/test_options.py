@@ -106,16 +106,14 @@ def test_non_integer_is_an_argparse_error(capsys):
         parser().parse_args(["--mode", "c"])
 
 
-def test_exclude_prefix_dest_prefix_and_overrides():
+def test_exclude_and_overrides():
     p = _Parser(prog="scdkit test")
-    add_model_options(p, Config, exclude=["mode"], prefix="cfg-", dest_prefix="cfg_")
-    add_model_options(p.add_argument_group("inner"), Inner, prefix="inner-", dest_prefix="inner_")
-    with pytest.raises(UsageError, match="unrecognized arguments: --cfg-mode"):
-        p.parse_args(["--cfg-mode", "b"])
-    args = p.parse_args(["--cfg-noise-draws", "5", "--inner-width", "3"])
-    assert args.cfg_noise_draws == 5 and not hasattr(args, "noise_draws") and not hasattr(args, "cfg_mode")
-    config = model_from_args(Config, args, dest_prefix="cfg_", mode="b",
-                             inner=model_from_args(Inner, args, dest_prefix="inner_"))
+    add_model_options(p, Config, exclude=["mode"])
+    add_model_options(p.add_argument_group("inner"), Inner)  # a nested model: its own call, its own options
+    with pytest.raises(UsageError, match="unrecognized arguments: --mode"):
+        p.parse_args(["--mode", "b"])
+    args = p.parse_args(["--noise-draws", "5", "--width", "3"])
+    config = model_from_args(Config, args, mode="b", inner=model_from_args(Inner, args))
     assert (config.noise_draws, config.mode, config.inner) == (5, "b", Inner(width=3))
-    with pytest.raises(UsageError, match=r"^--inner-width 0: Input should be greater than or equal to 1$"):
-        model_from_args(Inner, p.parse_args(["--inner-width", "0"]), dest_prefix="inner_", prefix="inner-")
+    with pytest.raises(UsageError, match=r"^--width 0: Input should be greater than or equal to 1$"):
+        model_from_args(Inner, p.parse_args(["--width", "0"]))

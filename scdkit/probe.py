@@ -60,8 +60,8 @@ class ProbeResult:
         """[layers] mean off-diagonal similarity (the diagonal is 1 by definition)."""
         steps = self.steps
         if steps < 2:
-            return torch.ones(self.layers)
-        off = ~torch.eye(steps, dtype=torch.bool)
+            return torch.ones(self.layers, device=self.similarity.device)
+        off = ~torch.eye(steps, dtype=torch.bool, device=self.similarity.device)
         return self.similarity[:, off].mean(dim=1)
 
     def summary(self) -> dict:
@@ -149,8 +149,8 @@ def probe_pipeline(pipeline: Pipeline, context: Batch, steps: int | None = None,
                 x = pipeline.scheduler.step(sampling, model.predict(state, x, t), x, generator)
     layers = sorted(recorder.features)  # the blocks that ran in predict, in model order
     similarity = torch.stack([_cosine_matrix(torch.stack(recorder.features[i], dim=1)).cpu() for i in layers])
-    past = torch.tensor([recorder.past[i] for i in layers])
-    current = torch.tensor([recorder.current[i] for i in layers])
+    past = torch.tensor([recorder.past[i] for i in layers], device="cpu")  # a report: on the CPU, like similarity
+    current = torch.tensor([recorder.current[i] for i in layers], device="cpu")
     return ProbeResult(similarity, past, current, x, context=k, clips=b)
 
 

@@ -48,12 +48,12 @@ def cmd_validate(args) -> int:
     from scdkit.registry import load_registry, validate
 
     try:
-        notes = validate(load_registry(args.registry, collect=True))
+        registry = load_registry(args.registry, collect=True)
+        notes = validate(registry)
     except RegistryError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
-    registry = load_registry(args.registry)
     counts = ", ".join(f"{len(v)} {k}" for k, v in registry.components.items() if v)
     print(f"{args.registry}: valid ({counts}, {len(registry.pipelines)} pipelines; each dry-built on the meta device)")
     for note in notes:
@@ -74,10 +74,11 @@ def _runtime(args):
     return runtime, device, ", ".join([message, *extras])
 
 
-def _build_options(args) -> tuple[dict, bool, str]:
-    """Registry.build's runtime keywords (attention, device, precision), whether to compile, where it runs."""
+def _build_options(args) -> tuple[dict, str]:
+    """Registry.build's runtime keywords (attention, device, precision, compile) and where it runs."""
     runtime, device, where = _runtime(args)
-    return {"attention": runtime.attention, "device": device, "precision": runtime.precision}, runtime.compile, where
+    return {"attention": runtime.attention, "device": device, "precision": runtime.precision,
+            "compile": runtime.compile}, where
 
 
 def _say(message: str) -> None:
@@ -91,12 +92,10 @@ def _pipeline(args, load: bool = True, steps: int | None = None):
 
     registry = load_registry(args.registry)
     name = args.pipeline or registry.default_pipeline
-    options, compile_steps, where = _build_options(args)
+    options, where = _build_options(args)
     pipeline = registry.build(name, load=load, checkpoint=getattr(args, "checkpoint", None) if load else None,
                               **options)
     pipeline.sampling_times(steps)
-    if compile_steps:
-        pipeline.compile_streaming()
     _say(where)
     if args.attention:
         _say(pipeline.attention)
@@ -139,10 +138,8 @@ def cmd_probe(args) -> int:
 
     config = model_from_args(ProbeConfig, args)
     registry = load_registry(args.registry)
-    options, compile_steps, where = _build_options(args)
+    options, where = _build_options(args)
     pipeline, step = load_probe_pipeline(registry, args.pipeline, args.checkpoint, **options)
-    if compile_steps:
-        pipeline.compile_streaming()
     _say(where)
     result = run_probe(pipeline, registry.pipelines[args.pipeline].data, config)
     out = Path(args.out)
@@ -171,7 +168,7 @@ def cmd_swap_eval(args) -> int:
     config = model_from_args(EvalConfig, args)
     registry = load_registry(args.registry)
     encoders = [name.strip() for name in args.encoders.split(",") if name.strip()]
-    options, _, where = _build_options(args)
+    options, where = _build_options(args)
     report = swap_eval(registry, args.pipeline or registry.default_pipeline, encoders,
                        parse_checkpoints(args.checkpoint, encoders), config,
                        progress=lambda row: _say(f"evaluated {row.encoder} ({where})"), **options)

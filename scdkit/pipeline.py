@@ -97,14 +97,16 @@ class ScdModel(StreamingModel):
     def new_state(self, batch: int, max_frames: int, conditioning: Conditioning) -> EncoderState:
         state = self.encoder.new_state(batch, max_frames)
         state.cond = None  # the last frame's conditioning, projected by the decoder when it is staged
-        state.decoder_conditioning = Conditioning(labels=conditioning.labels)
+        state.labels = conditioning.labels
+        # the decoder's keyword arguments, worked out once per frame rather than at every step
+        state.decoder_extra = given(self.decoder, Conditioning(labels=conditioning.labels))
         state.table = None  # the decoder's time terms for this generation's times
         return state
 
     def prepare(self, state: EncoderState, times: list[float]) -> None:
         if not self.staged or self.decoder.accepts.actions:  # terms that change per frame are not tabulated
             return
-        labels = state.decoder_conditioning.labels
+        labels = state.labels
         uses_labels = labels is not None and self.decoder.accepts.classes
         rows = labels.shape[0] if uses_labels else 1
         tiled = given(self.decoder, Conditioning(labels=labels.repeat(len(times)) if uses_labels else None))
@@ -115,8 +117,8 @@ class ScdModel(StreamingModel):
         cond, _ = self.encoder.step(state, patches, **given(self.encoder, conditioning))
         state.cond = self.decoder.condition(cond[:, -1]) if self.staged else cond[:, -1]
         last = conditioning.frames(patches.shape[1] - 1)  # what was done at the newest frame shapes the next
-        state.decoder_conditioning = Conditioning(conditioning.labels,
-                                                  None if last.actions is None else last.actions[:, 0])
+        state.decoder_extra = given(self.decoder, Conditioning(
+            conditioning.labels, None if last.actions is None else last.actions[:, 0]))
 
     def compile_steps(self, **options) -> None:
         # the decoder itself, not predict: predict looks the time up by value, which would recompile per time
@@ -126,7 +128,7 @@ class ScdModel(StreamingModel):
         self.encoder.step = torch.compile(self.encoder.step, **options)
 
     def predict(self, state: EncoderState, x_t: Tensor, t: float | Tensor) -> Tensor:
-        extra = given(self.decoder, state.decoder_conditioning)
+        extra = state.decoder_extra
         if not self.staged:
             return self.decoder(x_t, time_batch(t, x_t), state.cond, **extra)
         terms = state.table.get(t) if state.table is not None and not isinstance(t, Tensor) else None
@@ -157,7 +159,7 @@ class MonolithicModel(StreamingModel):
 
     def new_state(self, batch: int, max_frames: int, conditioning: Conditioning) -> EncoderState:
         state = self.model.new_state(batch, max_frames)
-        state.labels = Conditioning(labels=conditioning.labels)
+        state.model_extra = given(self.model, Conditioning(labels=conditioning.labels))  # once, not per step
         return state
 
     def prepare(self, state: EncoderState, times: list[float]) -> None:
@@ -167,7 +169,7 @@ class MonolithicModel(StreamingModel):
         self.model.observe(state, patches, **given(self.model, conditioning))
 
     def predict(self, state: EncoderState, x_t: Tensor, t: float | Tensor) -> Tensor:
-        return self.model.predict(state, x_t, time_batch(t, x_t), **given(self.model, state.labels))
+        return self.model.predict(state, x_t, time_batch(t, x_t), **state.model_extra)
 
     def compile_steps(self, **options) -> None:
         self.model.predict = torch.compile(self.model.predict, **options)

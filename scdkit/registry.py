@@ -132,9 +132,10 @@ class Registry:
 
     def build(self, pipeline: str, load: bool = True, encoder: str | None = None, attention: str | None = None,
               checkpoint: str | Path | None = None, device: torch.device | str = "cpu",
-              precision: str = "fp32") -> Pipeline:
+              precision: str = "fp32", compile: bool = False) -> Pipeline:
         """Build a pipeline (optionally with another registry encoder), load its checkpoint, move it to
-        ``device`` and choose its attention backend for that device and ``precision``.
+        ``device`` and choose its attention backend for that device and ``precision``; ``compile`` wraps its
+        streaming steps with ``torch.compile`` (``Pipeline.compile_streaming``).
 
         ``attention`` (the --attention flag) wins over $SCDKIT_ATTENTION, then [scdkit].attention.
         ``checkpoint`` (a directory) replaces the pipeline's own, e.g. a run trained with ``--out``.
@@ -159,6 +160,8 @@ class Registry:
         result.set_precision(precision)
         backend, source = choose_attention_backend(attention, self.settings.attention)
         result.attention = use_attention_backend(result, backend, self.catalog, source)
+        if compile:
+            result.compile_streaming()
         return result
 
     def dry_build(self, pipeline: str) -> Pipeline:

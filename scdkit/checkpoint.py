@@ -9,6 +9,7 @@ place, so a crash never leaves a half-written checkpoint. Nothing is ever unpick
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -41,13 +42,27 @@ def component_metadata(module: nn.Module, role: str, step: int) -> dict[str, str
     return meta
 
 
+def weights_digest(weights: nn.Module | dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a component's weights: every state-dict tensor's name, dtype, shape and bytes, in name
+    order. It names the weights themselves, whatever file, device or metadata they came with, so two
+    checkpoints with the same digest hold the same weights (a same-weights swap loads the same digest)."""
+    tensors = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     with atomic_path(path) as tmp:  # safetensors files live on the CPU, whatever device trained them
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
-def save_component(module: nn.Module, path: Path, role: str, step: int = 0) -> None:
-    atomic_save(module.state_dict(), path, component_metadata(module, role, step))
+def save_component(module: nn.Module, path: Path, role: str, step: int = 0, extra: dict[str, str] | None = None) -> None:
+    """Write ``module``'s weights with its metadata (plus ``extra``, e.g. ``runs.provenance``)."""
+    atomic_save(module.state_dict(), path, component_metadata(module, role, step) | (extra or {}))
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

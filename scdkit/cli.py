@@ -94,11 +94,14 @@ def _pipeline(args, load: bool = True, steps: int | None = None):
     name = args.pipeline or registry.default_pipeline
     options, where = _build_options(args)
     pipeline = registry.build(name, load=load, checkpoint=getattr(args, "checkpoint", None) if load else None,
-                              **options)
+                              encoder=getattr(args, "encoder", None),
+                              force_pairing=getattr(args, "force_pairing", False), **options)
     pipeline.sampling_times(steps)
     _say(where)
     if args.attention:
         _say(pipeline.attention)
+    for warning in pipeline.warnings:
+        _say(f"warning: {warning}")
     return registry, name, pipeline
 
 
@@ -112,8 +115,12 @@ def cmd_train(args) -> int:
     out = Path(args.out) if args.out else registry.checkpoint_dir(name)
     if out is None:
         raise UsageError(f"pipeline {name!r} has no checkpoint directory; pass --out")
-    console.print(f"training [bold]{name}[/bold] ({sum(p.numel() for p in pipeline.parameters()):,} parameters) into {out}")
-    train(pipeline, config, out, registry.pipelines[name].data, resume=not args.fresh, console=console)
+    freeze = [role.strip() for item in args.freeze for role in item.split(",") if role.strip()]
+    names = registry.role_names(name, args.encoder)
+    console.print(f"training [bold]{name}[/bold] ({', '.join(f'{r} {n}' for r, n in names.items())}; "
+                  f"{sum(p.numel() for p in pipeline.parameters()):,} parameters) into {out}")
+    train(pipeline, config, out, registry.pipelines[name].data, resume=not args.fresh, console=console,
+          names=names, init=args.init, freeze=freeze, overwrite=args.overwrite)
     return 0
 
 
@@ -163,21 +170,57 @@ def cmd_swap_eval(args) -> int:
     from scdkit.evaluate import EvalConfig
     from scdkit.options import model_from_args
     from scdkit.registry import load_registry
-    from scdkit.swap_eval import markdown, parse_checkpoints, rich_table, swap_eval
+    from scdkit.swap_eval import default_encoders, markdown, parse_checkpoints, rich_table, swap_eval
 
-    config = model_from_args(EvalConfig, args)
+    config = model_from_args(EvalConfig, args, seed=0)  # --seeds replaces --seed
     registry = load_registry(args.registry)
-    encoders = [name.strip() for name in args.encoders.split(",") if name.strip()]
+    pipeline = args.pipeline or registry.default_pipeline
+    encoders = ([name.strip() for name in args.encoders.split(",") if name.strip()] if args.encoders
+                else default_encoders(registry, pipeline))
     options, where = _build_options(args)
-    report = swap_eval(registry, args.pipeline or registry.default_pipeline, encoders,
-                       parse_checkpoints(args.checkpoint, encoders), config,
-                       progress=lambda row: _say(f"evaluated {row.encoder} ({where})"), **options)
+    report = swap_eval(registry, pipeline, encoders, parse_checkpoints(args.checkpoint, encoders), config,
+                       progress=lambda row: _say(f"evaluated {row.encoder} ({where})"), seeds=args.seeds,
+                       warn=lambda message: _say(f"warning: {message}"),
+                       force_pairing=args.force_pairing, **options)
     if args.json:
         print(json.dumps(report.to_json()))
     elif args.markdown:
         print(markdown(report))
     else:
         console.print(rich_table(report))
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from scdkit.encode import EncodeConfig, check_writable, encode, write_cache
+    from scdkit.options import model_from_args
+
+    config = model_from_args(EncodeConfig, args)
+    out = Path(args.out)
+    check_writable(out, args.overwrite)  # before any work
+    registry, name, pipeline = _pipeline(args)
+    cache = encode(pipeline, registry.pipelines[name].data, config, registry.pipelines[name].encoder)
+    write_cache(cache, out, args.overwrite)
+    info = cache.info
+    console.print(f"wrote {out}: the conditioning {list(cache.cond.shape)} of {info.clips} held-out {info.data} clips "
+                  f"by {name}'s encoder {info.encoder} (step {info.step}, sha256 {info.weights_sha256[:12]})")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from scdkit.encode import RenderConfig, print_render, read_cache, render_cache
+    from scdkit.generate import comparison_frames, write_gif
+    from scdkit.options import model_from_args
+
+    config = model_from_args(RenderConfig, args)
+    cache = read_cache(Path(args.cache))
+    args.pipeline = args.pipeline or cache.info.pipeline
+    _, _, pipeline = _pipeline(args, steps=config.steps)
+    result = render_cache(pipeline, cache, config)
+    print_render(result, console)
+    if args.gif:
+        write_gif(Path(args.gif), comparison_frames(cache.clips.video[:, :1], result.truth, result.video))
+        console.print(f"wrote {args.gif} (left: truth, right: rendered; green border = first frame, red = rendered)")
     return 0
 
 
@@ -291,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p.add_argument_group("SCD loss recipe"), Recipe)
     p.add_argument("--out", default=None, help="checkpoint directory (default: the pipeline's)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing training state instead of resuming")
+    p.add_argument("--encoder", default=None, metavar="NAME",
+                   help="put this registry encoder in the pipeline's encoder role (its contract must match)")
+    p.add_argument("--init", action="append", default=[], metavar="DIR|FILE|ROLE=PATH",
+                   help="start from trained weights: every component whose checkpoint in DIR fits (the others are "
+                        "skipped, with the reason), one checkpoint FILE, or ROLE=PATH; repeatable")
+    p.add_argument("--freeze", action="append", default=[], metavar="ROLE[,ROLE]",
+                   help="keep these components as --init loaded them: no gradients, no optimizer state, never "
+                        "written back (e.g. --freeze decoder to fit a new encoder under a trained decoder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow replacing trained weights in --out that have no training state to resume")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="continue held-out clips, write a GIF, compare with repeat-last")
@@ -299,7 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gif", default="out/generate.gif", help="where the comparison GIF goes")
     p.add_argument("--video", default=None, metavar="FILE.mp4", help="also write an MP4 (needs the video extra)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
-                   help="checkpoint directory to load instead of the pipeline's (e.g. a `train --out` run)")
+                   help="checkpoint directory to load instead of the pipeline's (e.g. a `train --out` run; a run "
+                        "trained with --encoder brings that encoder)")
+    p.add_argument("--encoder", default=None, metavar="NAME", help="put this registry encoder in the encoder role")
+    p.add_argument("--force-pairing", action="store_true",
+                   help="use an encoder and a decoder that do not belong together (a warning instead of an error)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -314,14 +371,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("swap-eval", help="several encoders under one trained decoder: quality, loss, speed, memory")
     registry_args(p, runtime_exclude=["compile"])  # each swapped pipeline would compile anew: eager runs only
-    p.add_argument("--encoders", required=True, help="comma-separated registry encoder names")
+    p.add_argument("--encoders", default=None, metavar="A,B,...",
+                   help="comma-separated registry encoder names (default: the pipeline's encoder and its "
+                        "[scdkit].same_weights group)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
-                   help="an encoder's own checkpoint file (otherwise: same weights as the pipeline's encoder)")
-    add_model_options(p.add_argument_group("evaluation"), EvalConfig)
+                   help="an encoder's own weights: a run folder (train --out) or a checkpoint file; repeatable "
+                        "(otherwise: the pipeline's checkpoint, for its encoder and its same-weights group)")
+    p.add_argument("--force-pairing", action="store_true",
+                   help="evaluate an encoder fitted under another decoder anyway (a warning instead of an error)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="one set of held-out clips and noise per seed; rows give mean ± std over them")
+    add_model_options(p.add_argument_group("evaluation"), EvalConfig, exclude=["seed"])
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true")
     output.add_argument("--markdown", action="store_true")
     p.set_defaults(func=cmd_swap_eval)
+
+    from scdkit.encode import EncodeConfig, RenderConfig
+
+    p = sub.add_parser("encode", help="run a pipeline's encoder once over held-out clips; cache its output")
+    registry_args(p, runtime_exclude=["compile"])
+    add_model_options(p.add_argument_group("clips"), EncodeConfig)
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="checkpoint directory (default: the pipeline's)")
+    p.add_argument("--out", default="out/encoded.safetensors", help="the cache file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("render", help="next frames from an encoder cache (the encoder does not run), scored")
+    p.add_argument("cache", help="a file written by `scdkit encode`")
+    registry_args(p, "pipeline whose decoder renders (default: the one that wrote the cache)")
+    add_model_options(p.add_argument_group("render"), RenderConfig)
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="checkpoint directory (default: the pipeline's)")
+    p.add_argument("--gif", default=None, metavar="FILE.gif", help="also write a GIF: truth beside the render")
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("bench", help="SCD vs the causal-DiT baseline: latency, FLOPs, memory (random weights)")
     add_model_options(p.add_argument_group("compared shapes"), BenchConfig)

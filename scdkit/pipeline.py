@@ -203,6 +203,8 @@ class Pipeline(nn.Module):
         self.name, self.scheduler, self.frame, self.model = name, scheduler, frame, model
         self.attention = attention  # the attention backend Registry.build chose, and why ("" when built directly)
         self.autocast_dtype: torch.dtype | None = None
+        self.sources: dict = {}  # role -> runs.Source: the checkpoints Registry.build loaded
+        self.warnings: list[str] = []  # e.g. an encoder and decoder paired by --force-pairing
 
     @property
     def components(self) -> dict[str, nn.Module]:

@@ -28,12 +28,13 @@ from torch import nn
 
 from scdkit.backends import DEFAULT as DEFAULT_ATTENTION
 from scdkit.backends import choose_attention_backend, known_backends, use_attention_backend
-from scdkit.checkpoint import checkpoint_problems, load_component
+from scdkit.checkpoint import checkpoint_problems, read_metadata
 from scdkit.data import DATASETS
 from scdkit.errors import CheckpointError, RegistryError, did_you_mean
 from scdkit.interfaces import FrameSpec
 from scdkit.pipeline import ROLE_SETS, Pipeline, assemble
 from scdkit.pluginmanager import COMPONENT_KINDS, SINGULAR, Catalog, load_catalog
+from scdkit.runs import Source, checkpoint_files, load_source, manifest_encoder, pairing_problem
 
 TOP_LEVEL = ("scdkit", *COMPONENT_KINDS, "pipelines")
 
@@ -112,15 +113,24 @@ class Registry:
             return entry.cls(config)
         return entry.cls(config, frame, **extra)
 
+    def role_names(self, pipeline: str, encoder: str | None = None) -> dict[str, str]:
+        """Each role's registry name in ``pipeline``, with ``encoder`` (any registry encoder) in the encoder role."""
+        entry = self.entry(pipeline)
+        if encoder is None:
+            return entry.roles
+        if encoder not in self.components["encoders"]:
+            raise RegistryError([f"{self.path}: unknown encoder {encoder!r}{did_you_mean(encoder, self.components['encoders'])}"])
+        if "encoder" not in entry.roles:
+            raise RegistryError([f"{self.path}: pipeline {pipeline!r} is monolithic: it has no encoder to replace"])
+        return entry.roles | {"encoder": encoder}
+
     def build_components(self, pipeline: str, encoder: str | None = None,
                          overrides: dict | None = None) -> dict[str, nn.Module]:
         """The pipeline's trained components by role, freshly initialised (``encoder``: another registry
         encoder in the encoder role; ``overrides``: config fields replaced in each, e.g. a narrower width).
         A decoder is built for the contract of the encoder beside it."""
         entry = self.entry(pipeline)
-        if encoder is not None and encoder not in self.components["encoders"]:
-            raise RegistryError([f"{self.path}: unknown encoder {encoder!r}{did_you_mean(encoder, self.components['encoders'])}"])
-        names = entry.roles | ({"encoder": encoder} if encoder is not None and "encoder" in entry.roles else {})
+        names = self.role_names(pipeline, encoder)
         built: dict[str, nn.Module] = {}
         for role in sorted(names, key=lambda r: r != "encoder"):  # the encoder first: its contract shapes the decoder
             extra = {"cond": built["encoder"].contract} if role == "decoder" else {}
@@ -132,37 +142,66 @@ class Registry:
 
     def build(self, pipeline: str, load: bool = True, encoder: str | None = None, attention: str | None = None,
               checkpoint: str | Path | None = None, device: torch.device | str = "cpu",
-              precision: str = "fp32", compile: bool = False) -> Pipeline:
+              precision: str = "fp32", compile: bool = False, files: dict[str, Path] | None = None,
+              force_pairing: bool = False) -> Pipeline:
         """Build a pipeline (optionally with another registry encoder), load its checkpoint, move it to
         ``device`` and choose its attention backend for that device and ``precision``; ``compile`` wraps its
         streaming steps with ``torch.compile`` (``Pipeline.compile_streaming``).
 
         ``attention`` (the --attention flag) wins over $SCDKIT_ATTENTION, then [scdkit].attention.
-        ``checkpoint`` (a directory) replaces the pipeline's own, e.g. a run trained with ``--out``.
+        ``checkpoint`` (a directory) replaces the pipeline's own, e.g. a run trained with ``--out``; a run
+        folder trained with ``--encoder NAME`` brings that encoder unless ``encoder`` says otherwise.
+        ``files`` (role -> checkpoint file or run folder) replaces single components' checkpoints.
+        Encoder and decoder must belong together (``runs.pairing_problem``); ``force_pairing`` turns a
+        refusal into a warning in ``pipeline.warnings``. ``pipeline.sources`` says what was loaded.
         """
         entry = self.entry(pipeline)
-        components = self.build_components(pipeline, encoder)
         directory = Path(checkpoint) if checkpoint is not None else self.checkpoint_dir(pipeline)
-        if load and directory is not None:
-            if encoder is not None and "encoder" in entry.roles:
-                self.check_same_weights(entry.encoder, encoder)
-            for role, module in components.items():
-                path = directory / f"{role}.safetensors"
-                try:
-                    load_component(module, path, role)
-                except CheckpointError as exc:
-                    if path.exists():
-                        raise
-                    raise CheckpointError(f"{exc} (pipeline {pipeline!r}); train it with "
-                                          f"`scdkit train --pipeline {pipeline}`") from None
+        if load and encoder is None and directory is not None and "encoder" in entry.roles and not (files or {}).get("encoder"):
+            encoder = manifest_encoder(directory)
+        components = self.build_components(pipeline, encoder)
+        sources = self._load(pipeline, components, directory, files or {}, encoder) if load else {}
+        warnings = []
+        if "encoder" in sources and "decoder" in sources:
+            problem = pairing_problem(sources["encoder"], sources["decoder"])
+            if problem and not force_pairing:
+                raise CheckpointError(f"{problem} (fit the encoder under this decoder with `scdkit train --encoder "
+                                      f"NAME --init DIR --freeze decoder`, or pass --force-pairing to use them anyway)")
+            warnings += [f"{problem} (used anyway: --force-pairing)"] if problem else []
         scheduler = self.build_component("schedulers", entry.scheduler, entry.frame)
         result = Pipeline(pipeline, scheduler, entry.frame, assemble(components)).to(device)
+        result.sources, result.warnings = sources, warnings
         result.set_precision(precision)
         backend, source = choose_attention_backend(attention, self.settings.attention)
         result.attention = use_attention_backend(result, backend, self.catalog, source)
         if compile:
             result.compile_streaming()
         return result
+
+    def _load(self, pipeline: str, components: dict[str, nn.Module], directory: Path | None,
+              files: dict[str, Path], encoder: str | None) -> dict[str, Source]:
+        """Load every component from ``files`` or the checkpoint folder; what was loaded, by role."""
+        entry = self.entry(pipeline)
+        paths = checkpoint_files(directory, components) if directory is not None else {}
+        for role, given in files.items():
+            paths[role] = checkpoint_files(given, [role])[role] if Path(given).is_dir() else Path(given)
+        sources = {}
+        for role, module in components.items():
+            path = paths.get(role)
+            if path is None:
+                raise CheckpointError(f"pipeline {pipeline!r} has no checkpoint directory: give one (--checkpoint DIR)")
+            if role == "encoder" and encoder is not None and role not in files and path.is_file():
+                trained_as = read_metadata(path).get("name", entry.encoder)
+                if trained_as != encoder:
+                    self.check_same_weights(trained_as, encoder, pipeline, path)
+            try:
+                sources[role] = load_source(module, path, role)
+            except CheckpointError as exc:
+                if path.exists():
+                    raise
+                raise CheckpointError(f"{exc} (pipeline {pipeline!r}); train it with "
+                                      f"`scdkit train --pipeline {pipeline}`") from None
+        return sources
 
     def dry_build(self, pipeline: str) -> Pipeline:
         """The pipeline on the meta device: every component constructed and checked, no memory, no weights."""
@@ -172,15 +211,23 @@ class Registry:
             scheduler = self.build_component("schedulers", entry.scheduler, entry.frame)
             return Pipeline(pipeline, scheduler, entry.frame, assemble(components))
 
-    def check_same_weights(self, trained: str, other: str) -> None:
-        """Refuse to load encoder ``trained``'s checkpoint into encoder ``other`` unless [scdkit].same_weights
-        declares them together; the error lists the fields in which they differ."""
+    def check_same_weights(self, trained: str, other: str, pipeline: str | None = None,
+                           path: Path | None = None) -> None:
+        """Refuse to load encoder ``trained``'s checkpoint (``path``) into encoder ``other`` unless
+        [scdkit].same_weights declares them together; the error lists the fields in which they differ and
+        says how ``other`` gets weights of its own."""
         if other == trained or any(trained in group and other in group for group in self.settings.same_weights):
             return
-        a, b = self.components["encoders"][trained], self.components["encoders"][other]
-        differences = ", ".join(_entry_differences(a, b)) or "none"
-        raise CheckpointError(f"{self.path}: encoder {other!r} cannot load the checkpoint trained as {trained!r}: "
-                              f"not declared in [scdkit].same_weights (differing fields: {differences})")
+        a, b = self.components["encoders"].get(trained), self.components["encoders"][other]
+        differences = ", ".join(_entry_differences(a, b)) if a is not None else f"{trained!r} is not in this registry"
+        pipeline = pipeline or self.settings.default_pipeline
+        directory = self.checkpoint_dir(pipeline) if pipeline in self.pipelines else None
+        raise CheckpointError(
+            f"{self.path}: encoder {other!r} cannot load the checkpoint trained as {trained!r}"
+            f"{f' ({path})' if path else ''}: not declared in [scdkit].same_weights (differing fields: "
+            f"{differences or 'none'}); to give it weights of its own, fit it under the trained decoder with "
+            f"`scdkit train --pipeline {pipeline} --encoder {other} --init {directory or 'DIR'} --freeze decoder "
+            f"--out runs/{other}` and pass --checkpoint {other}=runs/{other}")
 
 
 class BuildError(ValueError):

@@ -2,12 +2,18 @@
 
 The decoder is always the pipeline's checkpoint. Each encoder (a registry name) gets its weights
 either from that same checkpoint — the pipeline's own encoder, or one declared with it in
-``[scdkit].same_weights`` (``Registry.build`` refuses anything else) — or from its own file
-(``checkpoints={"name": path}``). For each encoder, on the same held-out clips:
+``[scdkit].same_weights`` — or from its own run folder or file (``checkpoints={"name": path}``), e.g. a
+run of ``scdkit train --encoder NAME --init DIR --freeze decoder``. Encoder and decoder must belong
+together (``scdkit.runs.pairing_problem``): an encoder fitted under another decoder is refused unless
+``force_pairing``. By default: the pipeline's encoder and its same-weights group.
 
-- ``psnr``/``ssim``/``mse``: mean over clips and generated frames of the continuation against the
-  true frames (``scdkit.evaluate.evaluate_continuation``: ``context`` true frames, then ``frames``
-  generated, ``steps`` denoising steps, seeded noise).
+Quality is measured on ``seeds`` sets of held-out clips (each seed draws its own clips and noise) and
+reported as mean ± std over the seeds:
+
+- ``psnr``/``ssim``/``mse``/``sharpness``: mean over clips and generated frames of the continuation
+  against the true frames (``scdkit.evaluate.evaluate_continuation``: ``context`` true frames, then
+  ``frames`` generated, ``steps`` denoising steps, seeded noise); ``sharpness`` is the mean spatial
+  gradient of the generated frames (PSNR rewards blur; the true frames' is in the report).
 - ``val_loss``: the training loss (default ``Recipe``) on those clips with a fixed generator, so
   every encoder sees the same noise and timesteps; no gradients.
 - ``first_frame_s``/``per_frame_s``: batch-1 streaming of the same length after one untimed
@@ -22,6 +28,7 @@ either from that same checkpoint — the pipeline's own encoder, or one declared
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +37,6 @@ import torch
 from rich import box
 from rich.table import Table
 
-from scdkit.checkpoint import load_component, read_metadata
 from scdkit.errors import UsageError
 from scdkit.encoder_bench import generation_peak_mb
 from scdkit.evaluate import EvalConfig, evaluate_continuation
@@ -44,10 +50,14 @@ from scdkit.registry import Registry
 class SwapRow:
     encoder: str
     weights: str  # where the encoder's weights came from
+    step: int  # its training step
     psnr: float
+    psnr_std: float  # over the seeds
     ssim: float
-    mse: float
+    ssim_std: float
+    sharpness: float
     val_loss: float
+    val_loss_std: float
     first_frame_s: float
     per_frame_s: float
     peak_mem_mb: float
@@ -57,38 +67,49 @@ class SwapRow:
 @dataclass
 class SwapReport:
     decoder: dict
+    clips: str  # which held-out clips were scored
+    true_sharpness: float
     rows: list[SwapRow]
+    warnings: list[str]  # pairings forced by --force-pairing
 
     def to_json(self) -> dict:
-        return {"decoder": self.decoder, "rows": [asdict(row) for row in self.rows]}
+        return {"decoder": self.decoder, "clips": self.clips, "true_sharpness": self.true_sharpness,
+                "rows": [asdict(row) for row in self.rows], "warnings": self.warnings}
 
 
 def parse_checkpoints(items: list[str], encoders: list[str]) -> dict[str, Path]:
-    """``NAME=PATH`` arguments into a mapping; every NAME must be one of the evaluated encoders."""
+    """``NAME=PATH`` arguments (PATH: a run folder or a checkpoint file) into a mapping; every NAME must be
+    one of the evaluated encoders and every PATH must exist."""
     found = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise UsageError(f"--checkpoint expects NAME=PATH, got {item!r}")
+            raise UsageError(f"--checkpoint expects NAME=PATH (a run folder or an encoder file), got {item!r}")
         if name not in encoders:
             raise UsageError(f"--checkpoint {name}=...: {name!r} is not in --encoders ({', '.join(encoders)})")
+        if not Path(path).exists():
+            raise UsageError(f"--checkpoint {item}: {path} does not exist")
         found[name] = Path(path)
     return found
+
+
+def default_encoders(registry: Registry, pipeline: str) -> list[str]:
+    """The pipeline's encoder and the encoders declared with it in [scdkit].same_weights."""
+    trained = registry.entry(pipeline).encoder
+    group = next((g for g in registry.settings.same_weights if trained in g), [trained])
+    return [trained, *(name for name in group if name != trained)]
 
 
 def build_swapped(registry: Registry, pipeline: str, encoder: str, checkpoint: Path | None = None,
                   **build_options) -> tuple[Pipeline, str]:
     """The pipeline with ``encoder`` under its trained decoder, and where the encoder's weights came from.
-    ``build_options`` (attention, device, precision) go to ``Registry.build``."""
-    directory = registry.checkpoint_dir(pipeline)
-    if checkpoint is None:
-        built = registry.build(pipeline, encoder=encoder, **build_options)
-        trained = registry.pipelines[pipeline].encoder
-        return built, "checkpoint" if encoder == trained else f"same as {trained}"
-    built = registry.build(pipeline, load=False, encoder=encoder, **build_options)
-    load_component(built.components["decoder"], directory / "decoder.safetensors", "decoder")
-    load_component(built.components["encoder"], checkpoint, "encoder")
-    return built, str(checkpoint)
+    ``build_options`` (attention, device, precision, force_pairing) go to ``Registry.build``."""
+    files = {"encoder": checkpoint} if checkpoint is not None else None
+    built = registry.build(pipeline, encoder=encoder, files=files, **build_options)
+    trained = registry.pipelines[pipeline].encoder
+    if checkpoint is not None:
+        return built, str(built.sources["encoder"].path)
+    return built, "checkpoint" if encoder == trained else f"same as {trained}"
 
 
 @torch.no_grad()
@@ -103,67 +124,92 @@ def stream_cost(pipeline: Pipeline, clip: Batch, frames: int, steps: int | None)
     return timed.first_frame_s, timed.per_frame_s, generation_peak_mb(pipeline, clip, frames, steps)
 
 
-def swap_eval(registry: Registry, pipeline: str, encoders: list[str], checkpoints: dict[str, Path] | None = None,
-              config: EvalConfig = EvalConfig(), progress: Callable[[SwapRow], None] | None = None,
-              **build_options) -> SwapReport:
-    """Evaluate every encoder in ``encoders`` under ``pipeline``'s trained decoder (see the module doc).
-    ``build_options`` (attention, device, precision) go to ``Registry.build``."""
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def swap_eval(registry: Registry, pipeline: str, encoders: list[str] | None = None,
+              checkpoints: dict[str, Path] | None = None, config: EvalConfig = EvalConfig(),
+              progress: Callable[[SwapRow], None] | None = None, seeds: list[int] = (0, 1, 2),
+              warn: Callable[[str], None] = lambda message: None, **build_options) -> SwapReport:
+    """Evaluate every encoder in ``encoders`` (default: ``default_encoders``) under ``pipeline``'s trained
+    decoder on the held-out clips of each seed in ``seeds`` (see the module doc). ``build_options``
+    (attention, device, precision, force_pairing) go to ``Registry.build``; ``config.seed`` is unused.
+    ``warn`` hears each forced pairing before the evaluation starts."""
     checkpoints = checkpoints or {}
     if pipeline not in registry.pipelines:
         raise UsageError(f"unknown pipeline {pipeline!r}; known: {', '.join(registry.pipelines)}")
     entry = registry.pipelines[pipeline]
-    directory = registry.checkpoint_dir(pipeline)
-    if "encoder" not in entry.roles or directory is None:
+    if "encoder" not in entry.roles or registry.checkpoint_dir(pipeline) is None:
         raise UsageError(f"pipeline {pipeline!r} needs an encoder, a decoder and a checkpoint directory for swap-eval")
-    if not encoders:
-        raise UsageError("swap-eval needs at least one encoder")
-    meta = read_metadata(directory / "decoder.safetensors")
-    # every name, checkpoint and same-weights declaration is checked before any evaluation starts
+    encoders = list(encoders) if encoders else default_encoders(registry, pipeline)
+    if not seeds:
+        raise UsageError("swap-eval needs at least one seed")
+    # every name, checkpoint, pairing and same-weights declaration is checked before any evaluation starts
     swapped = {name: build_swapped(registry, pipeline, name, checkpoints.get(name), **build_options)
                for name in encoders}
-    shared_decoder = next(iter(swapped.values()))[0].components["decoder"]
-    decoder = {"pipeline": pipeline, "name": entry.decoder, "checkpoint": str(directory / "decoder.safetensors"),
-               "step": int(meta.get("step", 0)), "params": sum(p.numel() for p in shared_decoder.parameters())}
-    rows = []
+    first = next(iter(swapped.values()))[0]
+    source = first.sources["decoder"]
+    decoder = {"pipeline": pipeline, "name": entry.decoder, "checkpoint": str(source.path), "step": source.step,
+               "weights_sha256": source.digest, "params": sum(p.numel() for p in first.components["decoder"].parameters())}
+    clips = (f"{len(seeds)} x {config.clips} held-out {entry.data} clips (split 'test', seeds "
+             f"{', '.join(map(str, seeds))}): {config.context} context + {config.frames} generated frames, "
+             f"{config.steps or 'scheduler default'} steps")
+    for built, _ in swapped.values():
+        for warning in built.warnings:
+            warn(warning)
+    rows, true_sharpness = [], []
     for name, (built, weights) in swapped.items():
-        result = evaluate_continuation(built, entry.data, config)
-        means = result.model.mean()  # scored on result.clips, which are reused below
-        clip = result.clips.clips(0, 1).context(config.context)
+        runs = [evaluate_continuation(built, entry.data, config.model_copy(update={"seed": seed})) for seed in seeds]
+        true_sharpness = [statistics.fmean(run.truth_sharpness) for run in runs]
+        psnr, ssim = (_mean_std([run.model.mean()[key] for run in runs]) for key in ("psnr", "ssim"))
+        losses = _mean_std([validation_loss(built, run.clips, seed) for run, seed in zip(runs, seeds)])
+        clip = runs[0].clips.clips(0, 1).context(config.context)
         first_s, per_frame_s, peak_mb = stream_cost(built, clip, config.frames, config.steps)
-        row = SwapRow(name, weights, means["psnr"], means["ssim"], means["mse"],
-                      validation_loss(built, result.clips, config.seed), first_s, per_frame_s, peak_mb,
-                      sum(p.numel() for p in built.components["encoder"].parameters()))
+        row = SwapRow(name, weights, built.sources["encoder"].step, *psnr, *ssim,
+                      statistics.fmean(run.model.mean()["sharpness"] for run in runs), *losses,
+                      first_s, per_frame_s, peak_mb, sum(p.numel() for p in built.components["encoder"].parameters()))
         rows.append(row)
         if progress is not None:
             progress(row)
-    return SwapReport(decoder, rows)
+    warnings = [warning for built, _ in swapped.values() for warning in built.warnings]
+    return SwapReport(decoder, clips, statistics.fmean(true_sharpness), rows, warnings)
 
 
-COLUMNS = (("encoder", "encoder", "{}"), ("weights", "weights", "{}"), ("PSNR", "psnr", "{:.2f}"),
-           ("SSIM", "ssim", "{:.3f}"), ("MSE", "mse", "{:.4f}"), ("val loss", "val_loss", "{:.4f}"),
-           ("1st frame ms", "first_frame_s", "{:.0f}"), ("ms/frame", "per_frame_s", "{:.1f}"),
-           ("peak MB", "peak_mem_mb", "{:.2f}"), ("params", "params", "{:,}"))
+# (title, value, spread over the seeds or None, format); times shown in ms
+COLUMNS = (("encoder", "encoder", None, "{}"), ("weights", "weights", None, "{}"), ("step", "step", None, "{}"),
+           ("PSNR", "psnr", "psnr_std", "{:.2f}"), ("SSIM", "ssim", "ssim_std", "{:.3f}"),
+           ("sharpness", "sharpness", None, "{:.4f}"), ("val loss", "val_loss", "val_loss_std", "{:.4f}"),
+           ("1st frame ms", "first_frame_s", None, "{:.0f}"), ("ms/frame", "per_frame_s", None, "{:.1f}"),
+           ("peak MB", "peak_mem_mb", None, "{:.2f}"), ("params", "params", None, "{:,}"))
 
 
 def _cells(row: SwapRow) -> list[str]:
     values = asdict(row)
-    return [fmt.format(values[key] * 1e3 if key.endswith("_s") else values[key]) for _, key, fmt in COLUMNS]
+    cells = []
+    for _, key, spread, fmt in COLUMNS:
+        scale = 1e3 if key.endswith("_s") else 1
+        cell = fmt.format(values[key] * scale)
+        cells.append(f"{cell} ± {fmt.format(values[spread])}" if spread else cell)
+    return cells
 
 
 def _title(report: SwapReport) -> str:
     d = report.decoder
-    return f"encoder swaps under {d['name']} from {d['pipeline']} (step {d['step']}, {d['params']:,} parameters)"
+    return (f"encoder swaps under {d['name']} from {d['pipeline']} (step {d['step']}, {d['params']:,} parameters, "
+            f"sha256 {d['weights_sha256'][:12]}); mean ± std over {report.clips}; true frames' sharpness "
+            f"{report.true_sharpness:.4f}")
 
 
 def rich_table(report: SwapReport) -> Table:
-    table = Table(*(title for title, _, _ in COLUMNS), title=_title(report), box=box.SIMPLE, padding=(0, 1))
+    table = Table(*(column[0] for column in COLUMNS), title=_title(report), box=box.SIMPLE, padding=(0, 1))
     for row in report.rows:
         table.add_row(*_cells(row))
     return table
 
 
 def markdown(report: SwapReport) -> str:
-    lines = [f"**{_title(report)}**", "", "| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
+    lines = [f"**{_title(report)}**", "", "| " + " | ".join(column[0] for column in COLUMNS) + " |",
              "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows]
     return "\n".join(lines)

@@ -5,6 +5,12 @@ parallel with several noise draws (see ``Pipeline.loss``); AdamW with warm-up an
 decoder learning rate (PAPER.md), gradient clipping, EMA weights, periodic atomic checkpoints
 (EMA weights per component + a resumable training state), and a held-out check against
 "repeat the last context frame".
+
+Components can start from trained checkpoints (``--init``) and stay frozen (``--freeze``): a frozen
+component gets no gradients and no optimizer state and is never written back; the run folder's
+``run.json`` points to the checkpoint it came from (``scdkit.runs``). ``freeze_encoder_after`` is the
+seed's recipe: joint training, then the encoder frozen (at its EMA weights) after a causal pre-training
+phase.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -20,13 +27,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from scdkit.checkpoint import atomic_save, load_component, read_checkpoint, save_component
+from scdkit.checkpoint import atomic_save, load_component, read_checkpoint, save_component, weights_digest
 from scdkit.data import make_clips
-from scdkit.errors import CheckpointError
+from scdkit.errors import CheckpointError, UsageError
 from scdkit.evaluate import EvalConfig, evaluate_continuation
 from scdkit.files import write_text_atomic
 from scdkit.interfaces import Recipe
 from scdkit.pipeline import Pipeline
+from scdkit.runs import (STATE, Source, checkpoint_files, init_components, load_source, provenance, read_manifest,
+                         trained_weights, write_manifest)
 
 
 class TrainConfig(BaseModel):
@@ -44,14 +53,10 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(250, ge=0, description="steps between held-out checks (0: none)")
     eval_steps: int = Field(10, ge=1, description="sampling steps of the held-out check")
     seed: int = Field(0, description="seed of the training clips and noise")
+    freeze_encoder_after: int | None = Field(
+        None, ge=0, description="train jointly for this many steps, then freeze the encoder at its EMA weights "
+        "and train the decoder alone (the seed's recipe; default: never)")
     recipe: Recipe = Recipe()
-
-
-def _param_groups(pipeline: Pipeline, config: TrainConfig) -> list[dict]:
-    """One AdamW group per component; the decoder's learning rate is scaled (PAPER.md: decoder lr x2)."""
-    return [{"params": list(module.parameters()),
-             "lr": config.lr * (config.decoder_lr_scale if role == "decoder" else 1.0)}
-            for role, module in pipeline.components.items()]
 
 
 def _lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -63,10 +68,23 @@ def _lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
 
 
 class Trainer:
-    def __init__(self, pipeline: Pipeline, config: TrainConfig, out: Path, data: str, console: Console | None = None):
+    """Trains ``pipeline`` into the folder ``out`` on data set ``data``. ``names``: each role's registry name
+    (recorded in the checkpoints; default: the plugin names); ``frozen``: the components loaded from trained
+    checkpoints that stay as they are."""
+
+    def __init__(self, pipeline: Pipeline, config: TrainConfig, out: Path, data: str, console: Console | None = None,
+                 names: dict[str, str] | None = None, frozen: dict[str, Source] | None = None):
         self.pipeline, self.config, self.out, self.data = pipeline, config, Path(out), data
         self.console = console or Console()
-        self.groups = _param_groups(pipeline, config)
+        self.names = names or {role: module.plugin_name for role, module in pipeline.components.items()}
+        self.frozen = frozen or {}
+        self.trained = [role for role in pipeline.components if role not in self.frozen]
+        for role in self.frozen:
+            pipeline.components[role].requires_grad_(False)
+        # one AdamW group per trained component; the decoder's learning rate is scaled (PAPER.md: decoder lr x2)
+        self.groups = [{"params": list(pipeline.components[role].parameters()),
+                        "lr": config.lr * (config.decoder_lr_scale if role == "decoder" else 1.0)}
+                       for role in self.trained]
         self.base_lrs = [g["lr"] for g in self.groups]
         self.optimizer = torch.optim.AdamW(self.groups, weight_decay=config.weight_decay, betas=(0.9, 0.99))
         # fp16 autocast needs loss scaling against gradient underflow; a no-op otherwise
@@ -74,26 +92,50 @@ class Trainer:
         self.ema = copy.deepcopy(pipeline).requires_grad_(False)  # the weights that are saved and evaluated
         self.step = 0
 
+    @property
+    def encoder_frozen_by_recipe(self) -> bool:
+        after = self.config.freeze_encoder_after
+        return after is not None and self.step >= after and "encoder" in self.trained
+
+    def freeze_encoder(self) -> None:
+        """The recipe's switch to decoder-only training: the encoder takes its EMA weights (the ones that are
+        saved) and keeps them, so the decoder trains against exactly the encoder it ships with."""
+        encoder = self.pipeline.components["encoder"]
+        encoder.load_state_dict(self.ema.components["encoder"].state_dict())
+        encoder.requires_grad_(False)
+
     # -- state -------------------------------------------------------------------------------
+    def identity(self, role: str) -> dict:
+        """What the component in ``role`` is right now: a frozen one as loaded, a trained one as saved."""
+        if role in self.frozen:
+            return self.frozen[role].identity() | {"name": self.frozen[role].name or self.names[role]}
+        module = self.ema.components[role]
+        return {"name": self.names[role], "plugin": module.plugin_name, "step": self.step,
+                "weights_sha256": weights_digest(module)}
+
     def save(self) -> None:
-        for role, module in self.ema.components.items():
-            save_component(module, self.out / f"{role}.safetensors", role, self.step)
-        tensors = {f"{role}.{k}": v for role, m in self.pipeline.components.items() for k, v in m.state_dict().items()}
+        identities = {role: self.identity(role) for role in self.pipeline.components}
+        for role in self.trained:
+            others = {other: identity for other, identity in identities.items() if other != role}
+            extra = provenance(self.names[role], identities[role]["weights_sha256"], others)
+            save_component(self.ema.components[role], self.out / f"{role}.safetensors", role, self.step, extra)
+        tensors = {f"{role}.{k}": v for role in self.trained for k, v in self.pipeline.components[role].state_dict().items()}
         params = [p for g in self.groups for p in g["params"]]
         for i, p in enumerate(params):
             for key, value in self.optimizer.state.get(p, {}).items():
                 tensors[f"optimizer.{i}.{key}"] = value.reshape(-1) if value.dim() == 0 else value
         meta = {"step": str(self.step), "train_config": self.config.model_dump_json()}
-        atomic_save(tensors, self.out / "train_state.safetensors", meta)
+        atomic_save(tensors, self.out / STATE, meta)
 
     def resume(self) -> bool:
-        path = self.out / "train_state.safetensors"
+        path = self.out / STATE
         if not path.exists():
             return False
         tensors, meta = read_checkpoint(path)
-        for role, module in self.pipeline.components.items():
+        for role in self.trained:
             prefix = f"{role}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            self.pipeline.components[role].load_state_dict(
+                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             load_component(self.ema.components[role], self.out / f"{role}.safetensors", role)
         params = [p for g in self.groups for p in g["params"]]
         for i, p in enumerate(params):
@@ -102,13 +144,16 @@ class Trainer:
                 state["step"] = state["step"].reshape(()).cpu()  # AdamW keeps its step count on the CPU
                 self.optimizer.state[p] = state
         self.step = int(meta["step"])
+        if self.encoder_frozen_by_recipe:
+            self.pipeline.components["encoder"].requires_grad_(False)  # its saved weights are the frozen ones
         return True
 
     # -- loop --------------------------------------------------------------------------------
     @torch.no_grad()
     def update_ema(self) -> None:
         decay = min(self.config.ema, (1 + self.step) / (10 + self.step))
-        torch._foreach_lerp_(list(self.ema.parameters()), list(self.pipeline.parameters()), 1 - decay)
+        pairs = [(e, p) for e, p in zip(self.ema.parameters(), self.pipeline.parameters()) if p.requires_grad]
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
 
     def train_step(self) -> float:
         cfg = self.config
@@ -116,7 +161,12 @@ class Trainer:
         generator = self.pipeline.generator(cfg.seed * 7919 + self.step)
         for group, base in zip(self.groups, self.base_lrs):
             group["lr"] = base * _lr_factor(self.step, cfg.warmup, cfg.steps)
+        if self.config.freeze_encoder_after == self.step and "encoder" in self.trained:
+            self.freeze_encoder()
+            self.console.print(f"step {self.step}: encoder frozen at its EMA weights; the decoder trains on alone")
         self.pipeline.train(True)
+        for role, module in self.pipeline.components.items():
+            module.train(any(p.requires_grad for p in module.parameters()))  # frozen: evaluation mode
         loss = self.pipeline.loss(batch, cfg.recipe, generator)
         value = loss.item()
         if not math.isfinite(value):
@@ -124,7 +174,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.pipeline.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for g in self.groups for p in g["params"]], cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
@@ -163,19 +213,95 @@ class Trainer:
 
 
 def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: str, resume: bool = True,
-          console: Console | None = None) -> Trainer:
-    Path(out).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(pipeline, config, out, data, console)
-    if resume:
+          console: Console | None = None, names: dict[str, str] | None = None, init: list[str] = (),
+          freeze: list[str] = (), overwrite: bool = False) -> Trainer:
+    """Train ``pipeline`` (built, not loaded) into ``out``: resume its training state if there is one, else
+    start from ``init`` (``runs.init_components``) with the ``freeze`` roles frozen. Refuses to replace
+    trained weights it did not write (a folder with weights but no training state) unless ``init`` names
+    that folder or ``overwrite`` is set."""
+    out = Path(out)
+    console = console or Console()
+    names = names or {role: module.plugin_name for role, module in pipeline.components.items()}
+    unknown = [role for role in freeze if role not in pipeline.components]
+    if unknown:
+        raise UsageError(f"--freeze {','.join(unknown)}: not a role of this pipeline ({', '.join(pipeline.components)})")
+    if len(freeze) == len(pipeline.components):
+        raise UsageError(f"--freeze {','.join(freeze)}: that freezes every component; nothing would train")
+    resuming = resume and (out / STATE).exists()
+    if resuming:
+        frozen = _frozen_on_resume(pipeline, out, init, freeze)
+    else:
+        if not (out / STATE).exists():  # a run folder of ours is started over only by --fresh
+            _check_replaceable(out, init, overwrite)
+        report = init_components(pipeline.components, list(init))
+        for line in report.skipped:
+            console.print(f"init: not loaded: {line}")
+        for role, source in report.loaded.items():
+            console.print(f"init: {role} <- {source.describe()}")
+        missing = [role for role in freeze if role not in report.loaded]
+        if missing:
+            raise UsageError(f"--freeze {','.join(missing)}: no trained weights to freeze; give them with --init")
+        frozen = {role: report.loaded[role] for role in freeze}
+    if config.freeze_encoder_after is not None and "encoder" not in pipeline.components:
+        raise UsageError("--freeze-encoder-after: this pipeline has no encoder")
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(pipeline, config, out, data, console, names=names, frozen=frozen)
+    if resuming:
         try:
-            if trainer.resume():
-                trainer.console.print(f"resumed from {out} at step {trainer.step}")
+            trainer.resume()
         except (KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"{out}/train_state.safetensors cannot be resumed: {exc}") from None
-    log = Path(out) / "train_log.jsonl"
+            raise CheckpointError(f"{out / STATE} cannot be resumed: {exc}") from None
+        console.print(f"resumed from {out} at step {trainer.step}")
+    write_manifest(out, pipeline.name, names, {role: trainer.identity(role) | {"path": source.path}
+                                               for role, source in frozen.items()})
+    log = out / "train_log.jsonl"
+    if not resuming:
+        set_aside(log)
     trim_log(log, trainer.step)
     trainer.run(log=log)
     return trainer
+
+
+def _frozen_on_resume(pipeline: Pipeline, out: Path, init: list[str], freeze: list[str]) -> dict[str, Source]:
+    """The frozen components of the run being resumed, loaded again from the checkpoints its run.json names."""
+    if init:
+        raise UsageError(f"--init: {out} holds a training state to resume; drop --init, or pass --fresh to start "
+                         "over from the --init weights")
+    recorded = read_manifest(out).get("frozen", {})
+    if set(freeze) - set(recorded) or (freeze and set(recorded) - set(freeze)):
+        raise UsageError(f"--freeze {','.join(freeze)}: the run in {out} froze {','.join(recorded) or 'nothing'}; "
+                         "resume it as it was, or pass --fresh")
+    files = checkpoint_files(out, recorded)
+    frozen = {}
+    for role, entry in recorded.items():
+        frozen[role] = load_source(pipeline.components[role], files[role], role)
+        if frozen[role].digest != entry.get("weights_sha256"):
+            raise CheckpointError(f"{files[role]}: the frozen {role} of the run in {out} has changed since the run "
+                                  "started (its weights digest differs from run.json)")
+    return frozen
+
+
+def _check_replaceable(out: Path, init: list[str], overwrite: bool) -> None:
+    """A trained checkpoint is never replaced by accident: weights without a training state to resume are
+    replaced only when the user starts from them (``--init`` naming this folder) or says ``--overwrite``."""
+    weights = trained_weights(out) if out.is_dir() else []
+    starts_from_here = any(Path(item.partition("=")[2] or item).resolve() in (out.resolve(), *out.resolve().glob("*"))
+                           for item in init)
+    if weights and not overwrite and not starts_from_here:
+        raise UsageError(f"{out} holds trained weights ({', '.join(weights)}) and no training state to resume: "
+                         f"training would replace them. Train into another --out, start from them with "
+                         f"--init {out}, or pass --overwrite")
+
+
+def set_aside(path: Path) -> Path | None:
+    """Move ``path`` to the first free ``NAME.N.SUFFIX`` beside it, so that a new run never erases an old log."""
+    if not path.exists():
+        return None
+    n = 1
+    while (target := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    os.replace(path, target)
+    return target
 
 
 def trim_log(log: Path, step: int) -> None:

@@ -270,20 +270,35 @@ def test_same_weights_group_with_different_shapes_is_a_registry_error(tmp_path):
 def test_swap_eval_json(tmp_path, capsys):
     registry = tiny_registry(tmp_path)
     deeper = registry.build("p", load=False, encoder="deeper")
-    save_component(deeper.components["encoder"], tmp_path / "deeper.safetensors", "encoder")
+    save_component(deeper.components["encoder"], tmp_path / "deeper.safetensors", "encoder")  # no provenance
     code = main(["--threads", "1", "swap-eval", "--registry", str(registry.path), "--pipeline", "p",
                  "--encoders", "causal,long,deeper", "--checkpoint", f"deeper={tmp_path / 'deeper.safetensors'}",
+                 "--force-pairing", "--seeds", "0", "1",
                  "--clips", "2", "--context", "2", "--frames", "3", "--steps", "2", "--json"])
     assert code == 0
-    report = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # exactly one JSON object on stdout
+    assert "do not belong together" in captured.err  # forced: a warning, not an error
     assert report["decoder"]["name"] == "dec" and report["decoder"]["step"] == 3
+    assert report["clips"].startswith("2 x 2 held-out moving-digits clips") and "seeds 0, 1" in report["clips"]
     assert [row["encoder"] for row in report["rows"]] == ["causal", "long", "deeper"]
     for row in report["rows"]:
-        assert {"encoder", "psnr", "ssim", "mse", "val_loss", "per_frame_s", "peak_mem_mb", "params"} <= row.keys()
-        assert all(row[k] > 0 for k in ("psnr", "mse", "val_loss", "per_frame_s", "peak_mem_mb", "params"))
+        assert {"encoder", "psnr", "psnr_std", "ssim", "sharpness", "val_loss", "per_frame_s", "peak_mem_mb",
+                "params"} <= row.keys()
+        assert all(row[k] > 0 for k in ("psnr", "psnr_std", "val_loss", "per_frame_s", "peak_mem_mb", "params"))
     causal, long, deeper = report["rows"]
     assert long["weights"] == "same as causal" and deeper["weights"].endswith("deeper.safetensors")
     assert long["params"] == causal["params"] < deeper["params"]
+
+
+def test_swap_eval_defaults_to_the_pipeline_encoder_and_its_same_weights_group(tmp_path, capsys):
+    registry = tiny_registry(tmp_path)
+    code = main(["--threads", "1", "swap-eval", "--registry", str(registry.path), "--pipeline", "p",
+                 "--seeds", "3", "--clips", "1", "--context", "1", "--frames", "1", "--steps", "1", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["encoder"] for row in report["rows"]] == ["causal", "long"]
+    assert report["rows"][0]["psnr_std"] == 0.0  # one seed: no spread
 
 
 def test_swap_eval_refuses_an_encoder_without_weights(tmp_path, capsys):
@@ -292,6 +307,7 @@ def test_swap_eval_refuses_an_encoder_without_weights(tmp_path, capsys):
                  "--encoders", "causal,deeper", "--clips", "1", "--frames", "1", "--steps", "1", "--json"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("scdkit: error:") and "layers (1 vs 2)" in err[-1]
+    assert "--checkpoint deeper=" in err[-1] and "--encoder deeper" in err[-1] and "--freeze decoder" in err[-1]
     assert not any(line.startswith("evaluated") for line in err)  # refused before any evaluation
 
 

@@ -224,6 +224,24 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from scdkit.check import check_component
+    from scdkit.registry import load_registry
+
+    registry = load_registry(args.registry)
+    results = check_component(registry, args.name)
+    build, *checks = results
+    if args.json:
+        print(json.dumps([result._asdict() for result in results]))
+    else:
+        console.print(f"conformance kit on {build.message if build.passed else args.name}", highlight=False)
+        table = Table("check", "result", "why", box=None)
+        for result in results if not build.passed else checks:
+            table.add_row(result.check, "[green]pass[/green]" if result.passed else "[red]FAIL[/red]", result.message)
+        console.print(table)
+    return 0 if all(result.passed for result in results) else 1
+
+
 def cmd_bench(args) -> int:
     from scdkit.bench import BenchConfig, BenchRun, plot_sweep, print_bench, run_bench
     from scdkit.options import model_from_args
@@ -404,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="checkpoint directory (default: the pipeline's)")
     p.add_argument("--gif", default=None, metavar="FILE.gif", help="also write a GIF: truth beside the render")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("check", help="the conformance kit on a component as the registry configures it (random weights)")
+    p.add_argument("name", help="a registry component (KIND.NAME when several kinds use the name)")
+    p.add_argument("--registry", default="registry.toml", help="registry file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("bench", help="SCD vs the causal-DiT baseline: latency, FLOPs, memory (random weights)")
     add_model_options(p.add_argument_group("compared shapes"), BenchConfig)

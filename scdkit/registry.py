@@ -3,6 +3,7 @@
     [scdkit]                      # optional settings
     allow_import_paths = false    # "module:Class" as a plugin name executes code: opt in explicitly
     plugin_dirs = []              # extra folders of plugin modules (relative to this file)
+    extends = "../registry.toml"  # optional: start from another registry's tables (relative to this file)
     default_pipeline = "scd-digits"
     attention = "sdpa"            # attention backend; $SCDKIT_ATTENTION and --attention override it
 
@@ -44,6 +45,8 @@ class Settings(BaseModel):
     allow_import_paths: bool = False
     plugin_dirs: list[str] = []
     default_pipeline: str | None = None
+    #: another registry file (relative to this one) whose tables this one adds to or replaces
+    extends: str | None = None
     #: other encoders that can load each other's weights, by registry name
     same_weights: list[list[str]] = []
     #: attention backend (or "auto"); a runtime choice, never stored in a checkpoint
@@ -180,7 +183,7 @@ class Registry:
 
     def _load(self, pipeline: str, components: dict[str, nn.Module], directory: Path | None,
               files: dict[str, Path], encoder: str | None) -> dict[str, Source]:
-        """Load every component from ``files`` or the checkpoint folder; what was loaded, by role."""
+        """Load every component from ``files`` or the checkpoint folder (none: fresh weights); what was loaded."""
         entry = self.entry(pipeline)
         paths = checkpoint_files(directory, components) if directory is not None else {}
         for role, given in files.items():
@@ -188,8 +191,8 @@ class Registry:
         sources = {}
         for role, module in components.items():
             path = paths.get(role)
-            if path is None:
-                raise CheckpointError(f"pipeline {pipeline!r} has no checkpoint directory: give one (--checkpoint DIR)")
+            if path is None:  # a pipeline without a checkpoint folder runs with fresh weights
+                continue
             if role == "encoder" and encoder is not None and role not in files and path.is_file():
                 trained_as = read_metadata(path).get("name", entry.encoder)
                 if trained_as != encoder:
@@ -318,16 +321,47 @@ def _resolve_plugin(kind: str, plugin: str, settings: Settings, catalog: Catalog
         raise LookupError(str(exc)) from None
 
 
-def load_registry(path: str | Path, catalog: Catalog | None = None, collect: bool = False) -> Registry:
-    """Parse and validate a registry file; raise RegistryError listing every problem. With ``collect``,
-    return the registry with its problems in ``registry.problems`` instead (for :func:`validate`)."""
-    path = Path(path)
+def _read_toml(path: Path) -> dict:
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise RegistryError([f"{path}: registry file not found"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RegistryError([f"{path}: not valid TOML: {exc}"]) from None
+
+
+def _with_base(raw: dict, path: Path, seen: frozenset[Path]) -> dict:
+    """``raw`` on top of the registry its ``[scdkit].extends`` names: every table of the base, a table or
+    setting given here replacing the base's of the same name. The base's relative paths (checkpoints,
+    plugin_dirs) stay relative to the base file."""
+    settings = raw.get("scdkit", {})
+    base_name = settings.get("extends") if isinstance(settings, dict) else None
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str):
+        raise RegistryError([f"{path}: [scdkit].extends: expected the path of a registry file, got {base_name!r}"])
+    base_path = (path.parent / base_name).resolve()
+    if base_path in seen:
+        raise RegistryError([f"{path}: [scdkit].extends: {base_name!r} extends this file again (a cycle)"])
+    base = _with_base(_read_toml(base_path), base_path, seen | {base_path})
+    for table in base.get("pipelines", {}).values():
+        if isinstance(table, dict) and isinstance(table.get("checkpoint"), str):
+            table["checkpoint"] = str(base_path.parent / table["checkpoint"])
+    base_settings = base.get("scdkit", {})
+    if isinstance(base_settings.get("plugin_dirs"), list):
+        base_settings["plugin_dirs"] = [str(base_path.parent / d) for d in base_settings["plugin_dirs"]]
+    merged = {key: ({**base[key], **raw[key]} if isinstance(base.get(key), dict) and isinstance(raw.get(key), dict)
+                    else raw.get(key, base.get(key)))
+              for key in [*base, *(k for k in raw if k not in base)]}
+    merged["scdkit"] = {k: v for k, v in merged["scdkit"].items() if k != "extends"}
+    return merged
+
+
+def load_registry(path: str | Path, catalog: Catalog | None = None, collect: bool = False) -> Registry:
+    """Parse and validate a registry file; raise RegistryError listing every problem. With ``collect``,
+    return the registry with its problems in ``registry.problems`` instead (for :func:`validate`)."""
+    path = Path(path)
+    raw = _with_base(_read_toml(path), path, frozenset({path.resolve()}))
     problems: list[str] = []
     for key in raw:
         if key not in TOP_LEVEL:

@@ -128,3 +128,23 @@ def test_plugin_dirs_load_local_plugins(tmp_path):
     )
     text = '[scdkit]\nplugin_dirs = ["myplugins"]\n' + GOOD.replace('"causal-transformer"', '"wide-local"')
     assert load_registry(write(tmp_path, text)).build("p", load=False).components["encoder"].plugin_name == "wide-local"
+
+
+def test_a_registry_extends_another_with_its_paths_relative_to_the_base(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "registry.toml").write_text(GOOD.replace('[pipelines.p]', '[pipelines.p]\ncheckpoint = "ckpt"'))
+    (tmp_path / "mine").mkdir()
+    mine = tmp_path / "mine" / "registry.toml"
+    mine.write_text('[scdkit]\nextends = "../base/registry.toml"\n\n'
+                    '[encoders.enc2]\nplugin = "causal-transformer"\nwidth = 16\nlayers = 2\nheads = 1\n\n'
+                    '[schedulers.flow]\nplugin = "flow-match-euler"\nsteps = 3\n')
+    registry = load_registry(mine)
+    assert set(registry.components["encoders"]) == {"enc", "enc2"}  # the base's tables plus this file's
+    assert registry.components["schedulers"]["flow"].config.steps == 3  # a table given here replaces the base's
+    assert registry.checkpoint_dir("p").resolve() == (tmp_path / "base" / "ckpt").resolve()
+    (tmp_path / "base" / "registry.toml").write_text('[scdkit]\nextends = "../mine/registry.toml"\n' + GOOD)
+    with pytest.raises(RegistryError, match="a cycle"):
+        load_registry(mine)
+    mine.write_text('[scdkit]\nextends = "../nowhere.toml"\n')
+    with pytest.raises(RegistryError, match="nowhere.toml: registry file not found"):
+        load_registry(mine)

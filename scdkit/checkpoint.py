@@ -117,14 +117,21 @@ def _json_diff(key: str, have: str, want: str, only_common: bool = False, defaul
     a, b = json.loads(have), json.loads(want)
     a = {k: v for k, v in (defaults or {}).items() if k in b} | a
     keys = (a.keys() & b.keys()) if only_common else (a.keys() | b.keys())
-    return [f"{key}.{k}: checkpoint has {a.get(k)!r}, registry wants {b.get(k)!r}"
-            for k in sorted(keys) if a.get(k) != b.get(k)]
+    return [f"{key}.{k}: checkpoint has {a.get(k, 'absent')!r}, registry wants {b.get(k, 'absent')!r}"
+            for k in sorted(keys) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+_ABSENT = object()
 
 
 def config_defaults(module: nn.Module) -> dict:
-    """The JSON form of each config field's default (what an older checkpoint that lacks it meant)."""
+    """The JSON form of each config field's default (what an older checkpoint that lacks it meant), as the
+    config's own JSON dump would write it (tuples as lists, default factories called)."""
+    from pydantic_core import to_jsonable_python
+
     fields = module.config_class.model_fields
-    return {k: f.default for k, f in fields.items() if f.default is not None and not callable(f.default)}
+    return {k: to_jsonable_python(f.get_default(call_default_factory=True))
+            for k, f in fields.items() if not f.is_required()}
 
 
 def checkpoint_mismatches(module: nn.Module, path: Path, role: str) -> tuple[list[str], dict[str, str]]:

@@ -110,11 +110,22 @@ def cmd_train(args) -> int:
     from scdkit.options import model_from_args
     from scdkit.train import TrainConfig, train
 
+    from scdkit.registry import load_registry
+    from scdkit.runs import STATE, manifest_encoder
+
     config = model_from_args(TrainConfig, args, recipe=model_from_args(Recipe, args))  # bad values: before any work
-    registry, name, pipeline = _pipeline(args, load=False)
+    registry = load_registry(args.registry)
+    name = args.pipeline or registry.default_pipeline
     out = Path(args.out) if args.out else registry.checkpoint_dir(name)
     if out is None:
         raise UsageError(f"pipeline {name!r} has no checkpoint directory; pass --out")
+    if not args.fresh and (out / STATE).exists():  # resuming: the encoder the run was started with
+        recorded = manifest_encoder(out)
+        if args.encoder and recorded and args.encoder != recorded:
+            raise UsageError(f"--encoder {args.encoder}: the run in {out} trains encoder {recorded!r}; resume it "
+                             "with that encoder, or pass --fresh")
+        args.encoder = args.encoder or recorded
+    registry, name, pipeline = _pipeline(args, load=False)
     freeze = [role.strip() for item in args.freeze for role in item.split(",") if role.strip()]
     names = registry.role_names(name, args.encoder)
     console.print(f"training [bold]{name}[/bold] ({', '.join(f'{r} {n}' for r, n in names.items())}; "

@@ -230,7 +230,8 @@ class Registry:
             f"{f' ({path})' if path else ''}: not declared in [scdkit].same_weights (differing fields: "
             f"{differences or 'none'}); to give it weights of its own, fit it under the trained decoder with "
             f"`scdkit train --pipeline {pipeline} --encoder {other} --init {directory or 'DIR'} --freeze decoder "
-            f"--out runs/{other}` and pass --checkpoint {other}=runs/{other}")
+            f"--out runs/{other}`, then evaluate it with `scdkit swap-eval --checkpoint {other}=runs/{other}` or "
+            f"`scdkit generate --checkpoint runs/{other}`")
 
 
 class BuildError(ValueError):

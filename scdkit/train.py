@@ -242,8 +242,9 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: str, resume:
         if missing:
             raise UsageError(f"--freeze {','.join(missing)}: no trained weights to freeze; give them with --init")
         frozen = {role: report.loaded[role] for role in freeze}
-    if config.freeze_encoder_after is not None and "encoder" not in pipeline.components:
-        raise UsageError("--freeze-encoder-after: this pipeline has no encoder")
+    if config.freeze_encoder_after is not None and ("encoder" not in pipeline.components or freeze):
+        raise UsageError("--freeze-encoder-after: only for joint training of an encoder and a decoder "
+                         f"({'nothing may be frozen from the start' if freeze else 'this pipeline has no encoder'})")
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(pipeline, config, out, data, console, names=names, frozen=frozen)
     if resuming:

@@ -73,3 +73,28 @@ def test_round_trip_restores_weights(tmp_path):
     save_component(a, tmp_path / "e.safetensors", "encoder")
     load_component(b, tmp_path / "e.safetensors", "encoder")
     assert_same_weights(b, a)
+
+
+def test_a_config_key_added_later_matches_its_default_in_an_older_checkpoint():
+    import json
+
+    from pydantic import Field
+
+    from scdkit.checkpoint import config_defaults, metadata_mismatches
+    from scdkit.interfaces import ComponentConfig
+
+    class Newer(ComponentConfig):
+        width: int = 8
+        scales: tuple[int, ...] = (1, 2)  # options added after the checkpoint was written
+        extra_layers: list[int] = Field(default_factory=list)
+
+    module = type("M", (), {"config_class": Newer})()
+    defaults = config_defaults(module)
+    assert defaults == {"width": 8, "scales": [1, 2], "extra_layers": []}  # as the config's JSON dump writes them
+    expected = {"config": Newer().model_dump_json()}
+    assert metadata_mismatches({"config": json.dumps({"width": 8})}, expected, defaults) == []
+    changed = {"config": Newer(scales=(3,)).model_dump_json()}
+    assert metadata_mismatches({"config": json.dumps({"width": 8})}, changed, defaults) == [
+        "config.scales: checkpoint has [1, 2], registry wants [3]"]
+    assert metadata_mismatches({"config": json.dumps({"width": 8, "gone": 1})}, expected, defaults) == [
+        "config.gone: checkpoint has 1, registry wants 'absent'"]

@@ -217,3 +217,19 @@ def test_a_torn_save_is_caught_by_the_pairing_check(tmp_path):
     (tmp_path / "a" / "encoder.safetensors").write_bytes(older)
     with pytest.raises(CheckpointError, match="do not belong together"):
         registry.build("p", checkpoint=tmp_path / "a")
+
+
+def test_resume_takes_the_encoder_the_run_was_started_with(tmp_path, capsys):
+    registry = tiny_registry(tmp_path)
+    out = fit_deeper(registry, tmp_path)
+    assert run(registry, "--out", str(out), "--steps", "3") == 0  # no --encoder: run.json says deeper
+    assert read_metadata(out / "encoder.safetensors")["name"] == "deeper"
+    assert run(registry, "--encoder", "causal", "--out", str(out), "--steps", "4") == 2
+    assert "trains encoder 'deeper'" in capsys.readouterr().err
+
+
+def test_freeze_encoder_after_is_refused_with_a_frozen_component(tmp_path, capsys):
+    registry = tiny_registry(tmp_path)
+    assert run(registry, "--init", str(tmp_path / "ckpt"), "--freeze", "decoder", "--freeze-encoder-after", "1",
+               "--out", str(tmp_path / "x")) == 2
+    assert "only for joint training" in capsys.readouterr().err

@@ -11,6 +11,7 @@ Axis legend: b batch · f frames · n tokens per frame · p patch values · c ch
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from contextlib import nullcontext
@@ -119,6 +120,17 @@ class ScdModel(StreamingModel):
         last = conditioning.frames(patches.shape[1] - 1)  # what was done at the newest frame shapes the next
         state.decoder_extra = given(self.decoder, Conditioning(
             conditioning.labels, None if last.actions is None else last.actions[:, 0]))
+
+    def decoding_state(self, cond: Tensor, conditioning: Conditioning) -> EncoderState:
+        """A state whose next frame is decoded from ``cond`` [b n_c d_c], e.g. read from an encoder-output cache,
+        as if the encoder had just emitted it: ``predict`` works on it, the encoder never runs.
+        ``conditioning``: labels [b] and the action of the frame ``cond`` encodes [b a] (what ``observe`` would
+        hand the decoder). Call ``prepare`` on it before sampling, as for any state."""
+        state = EncoderState()
+        state.labels, state.table = conditioning.labels, None
+        state.cond = self.decoder.condition(cond) if self.staged else cond
+        state.decoder_extra = given(self.decoder, conditioning)
+        return state
 
     def compile_steps(self, **options) -> None:
         # the decoder itself, not predict: predict looks the time up by value, which would recompile per time
@@ -274,32 +286,91 @@ class Pipeline(nn.Module):
         Prefill the context once, then per frame: the scheduler's steps from noise, and the new
         clean frame enters the context (one encoder step for SCD). An action-conditioned pipeline
         needs the context's actions for the k + frames - 1 frames that enter the context.
+        To continue one context several times, see :meth:`prefill` and :meth:`continue_from`.
         """
+        prefilled = self.prefill(context, frames, steps)
+        return self._stream(prefilled.state, prefilled, frames, steps, generator, prefilled.started)
+
+    @torch.no_grad()
+    def prefill(self, context: Batch | Tensor, frames: int, steps: int | None = None) -> Prefill:
+        """Run ``context`` [b k c H W] (pixels in [0, 1]) into the model once, with room for continuations of up
+        to ``frames`` frames sampled with ``steps`` steps by default (see :meth:`continue_from`)."""
         batch = as_batch(context).to(self.device, self.dtype)
         b, k = batch.video.shape[:2]
         self.check_conditioning(batch, k + frames - 1)
         self.train(False)
-        device = self.device
         times = self.sampling_times(steps)  # checks ``steps`` before any work; prepare() tabulates them
-        shape = (b, self.frame.tokens, self.frame.patch_dim)
         with self.autocast():
             state = self.model.new_state(b, k + frames, batch.conditioning)
             started = time.perf_counter()
             self.model.prepare(state, times[:-1])
             self.model.observe(state, patchify(to_model_range(batch.video), self.frame), batch.conditioning.frames(0, k))
-            outputs, stamps, observed = [], [], []
+        return Prefill(batch, state, frames, steps, times, started)
+
+    @torch.no_grad()
+    def continue_from(self, prefilled: Prefill, frames: int | None = None, steps: int | None = None,
+                      generator: torch.Generator | None = None) -> Generation:
+        """Stream ``frames`` new frames (default: as many as the prefill has room for) after a prefilled context,
+        with ``steps`` sampling steps (default: the prefill's). It works on a copy of the prefill's state, so the
+        prefill is left as it was, ready for the next continuation; the result equals :meth:`generate` on the
+        same context with the same generator. ``Generation.started`` is when this call started: the times
+        exclude the prefill.
+
+        The copy is ``copy.deepcopy`` of the plugin's state (its KV caches and the like); a state holding
+        something that cannot be deep-copied defines ``__deepcopy__``.
+        """
+        frames = prefilled.frames if frames is None else frames
+        if not 1 <= frames <= prefilled.frames:
+            raise UsageError(f"the prefill has room for 1 to {prefilled.frames} new frames, got {frames}")
+        steps = prefilled.steps if steps is None else steps
+        times = self.sampling_times(steps)
+        self.train(False)
+        started = time.perf_counter()
+        state = copy.deepcopy(prefilled.state)
+        if times != prefilled.times:
+            with self.autocast():
+                self.model.prepare(state, times[:-1])
+        return self._stream(state, prefilled, frames, steps, generator, started)
+
+    def _stream(self, state: EncoderState, prefilled: Prefill, frames: int, steps: int | None,
+                generator: torch.Generator | None, started: float) -> Generation:
+        """The generation loop after the prefill: per frame, denoise it, then it enters the context."""
+        batch, device = prefilled.batch, self.device
+        k = batch.video.shape[1]
+        outputs, stamps, observed = [], [], []
+        with self.autocast():
             for i in range(frames):
-                x = torch.randn(shape, generator=generator, device=device, dtype=self.dtype)
-                sampling = self.scheduler.begin(steps, device)  # a fresh solver state per frame
-                for t in sampling.times[:-1]:
-                    x = self.scheduler.step(sampling, self.model.predict(state, x, t), x, generator)
-                outputs.append(x)
+                outputs.append(self.denoise_frame(state, batch.video.shape[0], steps, generator))
                 stamps.append(synchronize(device))
                 if i + 1 < frames:
-                    self.model.observe(state, x[:, None], batch.conditioning.frames(k + i, k + i + 1))
+                    self.model.observe(state, outputs[-1][:, None], batch.conditioning.frames(k + i, k + i + 1))
                     observed.append(synchronize(device))
         video = to_pixel_range(unpatchify(torch.stack(outputs, dim=1), self.frame))
         return Generation(video, started, stamps, observed)
+
+    def denoise_frame(self, state: EncoderState, batch: int, steps: int | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """The next frame [batch n p] of every stream of ``state``: noise, then the scheduler's ``steps`` steps
+        with the model's prediction at each (a fresh solver state per frame). Call it under :meth:`autocast`."""
+        x = torch.randn((batch, self.frame.tokens, self.frame.patch_dim), generator=generator, device=self.device,
+                        dtype=self.dtype)
+        sampling = self.scheduler.begin(steps, self.device)
+        for t in sampling.times[:-1]:
+            x = self.scheduler.step(sampling, self.model.predict(state, x, t), x, generator)
+        return x
+
+
+@dataclass
+class Prefill:
+    """A context run into a pipeline's model (:meth:`Pipeline.prefill`), ready to be continued any number of
+    times (:meth:`Pipeline.continue_from` works on a copy of ``state``)."""
+
+    batch: Batch  # the context [b k c H W] with its conditioning, on the pipeline's device
+    state: EncoderState  # the model's stream state after the context
+    frames: int  # the longest continuation the state has room for
+    steps: int | None  # the sampling steps continuations use by default (None: the scheduler's)
+    times: list[float]  # the sampling times ``state`` was prepared for
+    started: float  # wall-clock time at which the prefill started
 
 
 @dataclass

@@ -217,8 +217,7 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: str, resume:
           freeze: list[str] = (), overwrite: bool = False) -> Trainer:
     """Train ``pipeline`` (built, not loaded) into ``out``: resume its training state if there is one, else
     start from ``init`` (``runs.init_components``) with the ``freeze`` roles frozen. Refuses to replace
-    trained weights it did not write (a folder with weights but no training state) unless ``init`` names
-    that folder or ``overwrite`` is set."""
+    trained weights it did not write (a folder with weights but no training state) unless ``overwrite``."""
     out = Path(out)
     console = console or Console()
     names = names or {role: module.plugin_name for role, module in pipeline.components.items()}
@@ -232,7 +231,7 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: str, resume:
         frozen = _frozen_on_resume(pipeline, out, init, freeze)
     else:
         if not (out / STATE).exists():  # a run folder of ours is started over only by --fresh
-            _check_replaceable(out, init, overwrite)
+            _check_replaceable(out, overwrite)
         report = init_components(pipeline.components, list(init))
         for line in report.skipped:
             console.print(f"init: not loaded: {line}")
@@ -282,16 +281,15 @@ def _frozen_on_resume(pipeline: Pipeline, out: Path, init: list[str], freeze: li
     return frozen
 
 
-def _check_replaceable(out: Path, init: list[str], overwrite: bool) -> None:
+def _check_replaceable(out: Path, overwrite: bool) -> None:
     """A trained checkpoint is never replaced by accident: weights without a training state to resume are
-    replaced only when the user starts from them (``--init`` naming this folder) or says ``--overwrite``."""
+    replaced only with ``--overwrite``, even by a run that starts from them (``--init`` naming this folder, or
+    a forgotten ``--out`` whose default is the pipeline's own folder)."""
     weights = trained_weights(out) if out.is_dir() else []
-    starts_from_here = any(Path(item.partition("=")[2] or item).resolve() in (out.resolve(), *out.resolve().glob("*"))
-                           for item in init)
-    if weights and not overwrite and not starts_from_here:
+    if weights and not overwrite:
         raise UsageError(f"{out} holds trained weights ({', '.join(weights)}) and no training state to resume: "
-                         f"training would replace them. Train into another --out, start from them with "
-                         f"--init {out}, or pass --overwrite")
+                         f"training would replace them. Train into another folder (--out runs/NAME; add --init {out} "
+                         f"to start from these weights), or pass --overwrite to replace them")
 
 
 def set_aside(path: Path) -> Path | None:

@@ -142,10 +142,13 @@ def test_training_never_replaces_trained_weights_by_accident(tmp_path, capsys):
     assert run(registry) == 2  # the pipeline's own folder: weights, no training state
     err = capsys.readouterr().err
     assert "holds trained weights (decoder.safetensors (step 3), encoder.safetensors (step 3))" in err
-    assert "--overwrite" in err and "--init" in err
+    assert "--overwrite" in err and "--out runs/NAME" in err
+    # a fit that forgets --out (its default is the pipeline's own folder) is refused too
+    assert run(registry, "--encoder", "deeper", "--init", str(shipped), "--freeze", "decoder") == 2
+    assert run(registry, "--init", str(shipped)) == 2
     assert {path.name: sha256(path) for path in shipped.iterdir()} == before
-    # --init naming the folder itself continues from its weights; the old log is kept beside the new one
-    assert run(registry, "--init", str(shipped)) == 0
+    # asked for: training in place from its own weights; the old log is kept beside the new one
+    assert run(registry, "--init", str(shipped), "--overwrite") == 0
     assert (shipped / "train_log.1.jsonl").read_text() == '{"step": 3, "loss": 1.0}\n'
     assert read_metadata(shipped / "encoder.safetensors")["step"] == "2"
 

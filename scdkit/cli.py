@@ -100,6 +100,8 @@ def _pipeline(args, load: bool = True, steps: int | None = None):
     _say(where)
     if args.attention:
         _say(pipeline.attention)
+    for role, source in pipeline.sources.items():
+        _say(f"{role}: {source.describe()}")
     for warning in pipeline.warnings:
         _say(f"warning: {warning}")
     return registry, name, pipeline

@@ -162,6 +162,9 @@ class Registry:
         directory = Path(checkpoint) if checkpoint is not None else self.checkpoint_dir(pipeline)
         if load and encoder is None and directory is not None and "encoder" in entry.roles and not (files or {}).get("encoder"):
             encoder = manifest_encoder(directory)
+            if encoder is not None and encoder not in self.components["encoders"]:
+                raise CheckpointError(f"{directory / 'run.json'}: the run was trained with encoder {encoder!r}, which "
+                                      f"{self.path} does not declare: pass the --registry that does")
         components = self.build_components(pipeline, encoder)
         sources = self._load(pipeline, components, directory, files or {}, encoder) if load else {}
         warnings = []
@@ -200,6 +203,9 @@ class Registry:
             try:
                 sources[role] = load_source(module, path, role)
             except CheckpointError as exc:
+                recorded = read_metadata(path).get("name") if path.is_file() else None
+                if recorded and recorded != self.role_names(pipeline, encoder)[role] and role == "encoder":
+                    raise CheckpointError(f"{exc} (that file is encoder {recorded!r}: pass --encoder {recorded})") from None
                 if path.exists():
                     raise
                 raise CheckpointError(f"{exc} (pipeline {pipeline!r}); train it with "

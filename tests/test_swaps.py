@@ -236,3 +236,39 @@ def test_freeze_encoder_after_is_refused_with_a_frozen_component(tmp_path, capsy
     assert run(registry, "--init", str(tmp_path / "ckpt"), "--freeze", "decoder", "--freeze-encoder-after", "1",
                "--out", str(tmp_path / "x")) == 2
     assert "only for joint training" in capsys.readouterr().err
+
+
+def test_run_folders_say_what_is_missing(tmp_path, capsys):
+    registry = tiny_registry(tmp_path)
+    out = fit_deeper(registry, tmp_path)
+    other = tmp_path / "other.toml"  # a registry that does not declare the run's encoder
+    other.write_text(registry.path.read_text().replace("[encoders.deeper]", "[encoders.deep2]")
+                     .replace('checkpoint = "ckpt"', f'checkpoint = "{tmp_path / "ckpt"}"'))
+    from scdkit.registry import load_registry
+
+    with pytest.raises(CheckpointError, match="trained with encoder 'deeper', which .* does not declare"):
+        load_registry(other).build("p", checkpoint=out)
+    mixed = tmp_path / "mixed"  # the run's encoder beside a decoder, no run.json: the file names its encoder
+    mixed.mkdir()
+    for name, source in (("encoder", out), ("decoder", tmp_path / "ckpt")):
+        (mixed / f"{name}.safetensors").write_bytes((source / f"{name}.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"that file is encoder 'deeper': pass --encoder deeper"):
+        registry.build("p", checkpoint=mixed)
+    capsys.readouterr()
+    assert main(["--threads", "1", "generate", "--registry", str(registry.path), "--pipeline", "p", "--checkpoint",
+                 str(out), "--clips", "1", "--context", "1", "--frames", "1", "--steps", "1",
+                 "--gif", str(tmp_path / "g.gif")]) == 0
+    err = capsys.readouterr().err  # which weights were loaded, on stderr
+    assert "encoder: " in err and "(deeper, causal-transformer, step 2" in err and "decoder: " in err
+
+
+def test_the_shipped_checkpoint_cannot_be_trained_over(capsys):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    shipped = repo / "checkpoints" / "scd-digits"
+    before = {path.name: sha256(path) for path in shipped.iterdir() if path.is_file()}
+    assert main(["--threads", "1", "train", "--registry", str(repo / "registry.toml"), "--steps", "1"]) == 2
+    assert "holds trained weights" in capsys.readouterr().err
+    after = {path.name: sha256(path) for path in shipped.iterdir() if path.is_file()}
+    assert after == before

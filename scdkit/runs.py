@@ -85,8 +85,10 @@ def read_manifest(directory: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable run manifest ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{path}: not a readable run manifest (expected a JSON object)")
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(key, {}), dict)
+                                                 for key in ("components", "frozen")):
+        raise CheckpointError(f"{path}: not a readable run manifest (expected a JSON object with objects "
+                              "'components' and 'frozen')")
     return manifest
 
 
@@ -112,7 +114,10 @@ def checkpoint_files(directory: Path, roles) -> dict[str, Path]:
     for role in roles:
         own = directory / f"{role}.safetensors"
         if role in frozen and not own.is_file():
-            relative, absolute = directory / frozen[role]["path"], Path(frozen[role].get("absolute_path", ""))
+            entry = frozen[role]
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+                raise CheckpointError(f"{directory / MANIFEST}: frozen.{role} has no path to its checkpoint")
+            relative, absolute = directory / entry["path"], Path(entry.get("absolute_path", ""))
             own = absolute if not relative.is_file() and absolute.is_file() else relative
         files[role] = own
     return files

@@ -272,3 +272,14 @@ def test_the_shipped_checkpoint_cannot_be_trained_over(capsys):
     assert "holds trained weights" in capsys.readouterr().err
     after = {path.name: sha256(path) for path in shipped.iterdir() if path.is_file()}
     assert after == before
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "not a readable run manifest"),
+                                           ('{"frozen": []}', "not a readable run manifest"),
+                                           ('{"frozen": {"decoder": {}}}', "frozen.decoder has no path")])
+def test_a_damaged_run_manifest_is_one_clear_error(tmp_path, text, message):
+    registry = tiny_registry(tmp_path)
+    out = fit_deeper(registry, tmp_path)
+    (out / "run.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        registry.build("p", checkpoint=out, encoder="deeper")

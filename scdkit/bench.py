@@ -206,7 +206,7 @@ class BenchRun(BaseModel):
     repeats: int = Field(2, ge=1, description="timed runs per model, alternating")
     frames: list[int] | None = Field(None, description="also measure the per-frame cost once N frames exist, for "
                                                        "each N (e.g. 16 64 256 512)")
-    seed: int = Field(0, description="seed of the random weights and contexts")
+    seed: int = Field(0, ge=0, description="seed of the random weights and contexts")
 
 
 def run_bench(config: BenchConfig, run: BenchRun = BenchRun(), progress=None, device: torch.device | str = "cpu",

@@ -310,6 +310,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _natural(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """--help shows each option's default, unless it is empty or the help text already says it."""
 
@@ -410,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(otherwise: the pipeline's checkpoint, for its encoder and its same-weights group)")
     p.add_argument("--force-pairing", action="store_true",
                    help="evaluate an encoder fitted under another decoder anyway (a warning instead of an error)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    p.add_argument("--seeds", type=_natural, nargs="+", default=[0, 1, 2],
                    help="one set of held-out clips and noise per seed; rows give mean ± std over them")
     add_model_options(p.add_argument_group("evaluation"), EvalConfig, exclude=["seed"])
     output = p.add_mutually_exclusive_group()

@@ -58,7 +58,7 @@ class RenderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     steps: int | None = EvalConfig.model_fields["steps"]
-    seed: int = Field(0, description="seed of the noise")
+    seed: int = Field(0, ge=0, description="seed of the noise")
     batch: int = Field(256, ge=1, description="frames decoded at once (the same seed and batch give the same frames)")
 
 

@@ -48,3 +48,9 @@ class BackendUnavailable(ScdkitError):
     """An attention backend was requested explicitly but cannot run here."""
 
     exit_code = 2
+
+
+class TrainingDiverged(ScdkitError):
+    """The loss or the weights stopped being finite; the last checkpoint was not touched."""
+
+    exit_code = 1

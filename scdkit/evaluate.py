@@ -22,7 +22,7 @@ class EvalConfig(BaseModel):
     context: int = Field(4, ge=1, description="true frames given as context")
     frames: int = Field(8, ge=1, description="frames generated after the context")
     steps: int | None = Field(None, ge=1, description="sampling steps (default: the scheduler's)")
-    seed: int = Field(0, description="seed of the held-out clips and the noise")
+    seed: int = Field(0, ge=0, description="seed of the held-out clips and the noise")
 
 
 @dataclass

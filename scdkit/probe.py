@@ -177,7 +177,7 @@ class ProbeConfig(BaseModel):
     context: int = Field(4, ge=1, description="clean context frames before the probed frame")
     steps: int | None = Field(None, ge=1, description="sampling steps (default: the scheduler's)")
     clips: int = Field(8, ge=1, description="held-out clips averaged over")
-    seed: int = Field(0, description="seed of the held-out clips and the noise")
+    seed: int = Field(0, ge=0, description="seed of the held-out clips and the noise")
 
 
 def run_probe(pipeline: Pipeline, data: str, config: ProbeConfig = ProbeConfig()) -> ProbeResult:

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from scdkit.checkpoint import atomic_save, load_component, read_checkpoint, save_component, weights_digest
 from scdkit.data import make_clips
-from scdkit.errors import CheckpointError, UsageError
+from scdkit.errors import CheckpointError, TrainingDiverged, UsageError
 from scdkit.evaluate import EvalConfig, evaluate_continuation
 from scdkit.files import write_text_atomic
 from scdkit.interfaces import Recipe
@@ -52,7 +52,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
     eval_every: int = Field(250, ge=0, description="steps between held-out checks (0: none)")
     eval_steps: int = Field(10, ge=1, description="sampling steps of the held-out check")
-    seed: int = Field(0, description="seed of the training clips and noise")
+    seed: int = Field(0, ge=0, description="seed of the training clips and noise")
     freeze_encoder_after: int | None = Field(
         None, ge=0, description="train jointly for this many steps, then freeze the encoder at its EMA weights "
         "and train the decoder alone (the seed's recipe; default: never)")
@@ -91,6 +91,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(pipeline.device.type, enabled=pipeline.autocast_dtype == torch.float16)
         self.ema = copy.deepcopy(pipeline).requires_grad_(False)  # the weights that are saved and evaluated
         self.step = 0
+        self.saved_step: int | None = None  # the step of the checkpoint on disk
 
     @property
     def encoder_frozen_by_recipe(self) -> bool:
@@ -113,7 +114,16 @@ class Trainer:
         return {"name": self.names[role], "plugin": module.plugin_name, "step": self.step,
                 "weights_sha256": weights_digest(module)}
 
+    def diverged(self, what: str) -> None:
+        saved = f"step {self.saved_step}" if self.saved_step is not None else "none written yet"
+        raise TrainingDiverged(f"training diverged: {what}; the last checkpoint in {self.out} ({saved}) is "
+                               "untouched: resume from it with a lower --lr or a tighter --grad-clip")
+
     def save(self) -> None:
+        broken = [role for role in self.trained
+                  if not all(torch.isfinite(p).all() for p in self.pipeline.components[role].parameters())]
+        if broken:  # never write non-finite weights over a good checkpoint
+            self.diverged(f"the {' and '.join(broken)} weights are no longer finite at step {self.step}")
         identities = {role: self.identity(role) for role in self.pipeline.components}
         for role in self.trained:
             others = {other: identity for other, identity in identities.items() if other != role}
@@ -126,6 +136,7 @@ class Trainer:
                 tensors[f"optimizer.{i}.{key}"] = value.reshape(-1) if value.dim() == 0 else value
         meta = {"step": str(self.step), "train_config": self.config.model_dump_json()}
         atomic_save(tensors, self.out / STATE, meta)
+        self.saved_step = self.step
 
     def resume(self) -> bool:
         path = self.out / STATE
@@ -143,7 +154,7 @@ class Trainer:
             if state:
                 state["step"] = state["step"].reshape(()).cpu()  # AdamW keeps its step count on the CPU
                 self.optimizer.state[p] = state
-        self.step = int(meta["step"])
+        self.step = self.saved_step = int(meta["step"])
         if self.encoder_frozen_by_recipe:
             self.pipeline.components["encoder"].requires_grad_(False)  # its saved weights are the frozen ones
         return True
@@ -170,7 +181,7 @@ class Trainer:
         loss = self.pipeline.loss(batch, cfg.recipe, generator)
         value = loss.item()
         if not math.isfinite(value):
-            raise FloatingPointError(f"loss became {value} at step {self.step}")
+            self.diverged(f"the loss became {value} at step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -245,6 +256,7 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: str, resume:
         raise UsageError("--freeze-encoder-after: only for joint training of an encoder and a decoder "
                          f"({'nothing may be frozen from the start' if freeze else 'this pipeline has no encoder'})")
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)  # held until the process ends: one training run per folder
     trainer = Trainer(pipeline, config, out, data, console, names=names, frozen=frozen)
     if resuming:
         try:
@@ -259,7 +271,23 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: str, resume:
         set_aside(log)
     trim_log(log, trainer.step)
     trainer.run(log=log)
+    del lock
     return trainer
+
+
+def _lock(out: Path):
+    """An exclusive lock on ``out``, or a UsageError if another training run holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        return None
+    handle = open(out / ".train.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UsageError(f"{out}: another `scdkit train` is writing to this folder; wait for it or use another --out") from None
+    return handle
 
 
 def _frozen_on_resume(pipeline: Pipeline, out: Path, init: list[str], freeze: list[str]) -> dict[str, Source]:
@@ -308,5 +336,14 @@ def trim_log(log: Path, step: int) -> None:
     lines that an interrupted run wrote after its last checkpoint, a fresh run starts an empty log."""
     if not log.exists():
         return
-    kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in log.read_text(errors="replace").splitlines() if _logged_step(line) <= step]
     write_text_atomic(log, "".join(f"{line}\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; a torn or garbled line (a kill mid-write) counts as past any step, so it is dropped."""
+    try:
+        step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf

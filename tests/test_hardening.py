@@ -1,0 +1,55 @@
+"""Training faults that must not lose or mix data: divergence, torn log lines, two runs on one folder, bad seeds."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from scdkit.cli import main
+from scdkit.errors import TrainingDiverged, UsageError
+from scdkit.train import TrainConfig, Trainer, _lock, trim_log
+from tests.test_training import tiny_pipeline
+
+
+def digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.safetensors")}
+
+
+def test_divergence_never_overwrites_the_last_checkpoint(tmp_path):
+    config = TrainConfig(steps=4, batch=2, frames=3, eval_every=0, warmup=1, checkpoint_every=2)
+    trainer = Trainer(tiny_pipeline(tmp_path), config, tmp_path / "run", "moving-digits")
+    (tmp_path / "run").mkdir()
+    trainer.run()
+    good = digests(tmp_path / "run")
+    with torch.no_grad():  # a step that left the weights non-finite although its loss was finite
+        next(trainer.pipeline.components["decoder"].parameters()).fill_(float("inf"))
+    with pytest.raises(TrainingDiverged, match=r"decoder weights are no longer finite at step 4.*\(step 4\) is untouched"):
+        trainer.save()
+    with pytest.raises(TrainingDiverged, match=r"the loss became (nan|inf) at step 5"):
+        trainer.config = config.model_copy(update={"steps": 6})
+        trainer.train_step()
+    assert digests(tmp_path / "run") == good
+
+
+def test_torn_log_lines_are_dropped_on_resume(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n\x00\x00garbage\n{"step": "x"}\n{"step": 3, "loss": 0.5}\n')
+    trim_log(log, 2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1]
+
+
+def test_one_training_run_per_folder(tmp_path):
+    held = _lock(tmp_path)
+    with pytest.raises(UsageError, match="another `scdkit train` is writing to this folder"):
+        _lock(tmp_path)
+    del held
+    assert _lock(tmp_path) is not None  # released with its holder
+
+
+@pytest.mark.parametrize("command", [["train", "--out", "x"], ["generate"], ["probe"], ["swap-eval", "--seeds", "-1"]])
+def test_negative_seeds_are_one_line_errors(command, capsys):
+    args = [*command, "--seed", "-1"] if command[0] != "swap-eval" else command
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-1" in err[0] and ("greater than or equal to 0" in err[0] or "non-negative" in err[0])

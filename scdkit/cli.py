@@ -112,6 +112,7 @@ def cmd_train(args) -> int:
     from scdkit.options import model_from_args
     from scdkit.train import TrainConfig, train
 
+    from scdkit.files import check_writable
     from scdkit.registry import load_registry
     from scdkit.runs import STATE, manifest_encoder
 
@@ -121,6 +122,7 @@ def cmd_train(args) -> int:
     out = Path(args.out) if args.out else registry.checkpoint_dir(name)
     if out is None:
         raise UsageError(f"pipeline {name!r} has no checkpoint directory; pass --out")
+    check_writable(out, "--out", folder=True)
     if not args.fresh and (out / STATE).exists():  # resuming: the encoder the run was started with
         recorded = manifest_encoder(out)
         if args.encoder and recorded and args.encoder != recorded:
@@ -139,12 +141,15 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     from scdkit.evaluate import EvalConfig
+    from scdkit.files import check_writable
     from scdkit.generate import check_video_support, run_generate
     from scdkit.options import model_from_args
 
     config = model_from_args(EvalConfig, args)
+    check_writable(args.gif, "--gif")  # before minutes of work, not after
     if args.video:
-        check_video_support(Path(args.video))  # before minutes of work, not after
+        check_video_support(Path(args.video))
+        check_writable(args.video, "--video")
     registry, name, pipeline = _pipeline(args, steps=config.steps)
     run_generate(pipeline, registry.pipelines[name].data, config, gif=Path(args.gif),
                  video=Path(args.video) if args.video else None, as_json=args.json, console=console)
@@ -153,10 +158,12 @@ def cmd_generate(args) -> int:
 
 def cmd_probe(args) -> int:
     from scdkit.options import model_from_args
+    from scdkit.files import check_writable
     from scdkit.probe import ProbeConfig, load_probe_pipeline, plot_probe, run_probe, write_json
     from scdkit.registry import load_registry
 
     config = model_from_args(ProbeConfig, args)
+    check_writable(args.out, "--out", folder=True)
     registry = load_registry(args.registry)
     options, where = _build_options(args)
     pipeline, step = load_probe_pipeline(registry, args.pipeline, args.checkpoint, **options)
@@ -257,10 +264,14 @@ def cmd_check(args) -> int:
 
 def cmd_bench(args) -> int:
     from scdkit.bench import BenchConfig, BenchRun, plot_sweep, print_bench, run_bench
+    from scdkit.files import check_writable
     from scdkit.options import model_from_args
 
     config = model_from_args(BenchConfig, args)
     run = model_from_args(BenchRun, args)
+    for option, path in (("--plot", args.plot), ("--encoder-plot", args.encoders and args.encoder_plot)):
+        if path:
+            check_writable(path, option)  # before minutes of bench
     if args.plot and not run.frames:
         run = run.model_copy(update={"frames": [16, 32, 64, 128]})
     encoders = _registry_encoders(args) if args.encoders else None  # bad names fail before minutes of bench

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 
 class ComponentConfig(BaseModel):
-    """Base of every component config: unknown keys are errors, values are immutable."""
+    """Base of every component config: unknown keys are errors, values are immutable, numbers are finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class CondSpec(BaseModel):

@@ -143,12 +143,12 @@ def load_catalog(plugin_dirs: list[Path] = (), entry_points: bool = True) -> Cat
         try:
             plugin = load()
             pm.register(plugin, name=provider)
-        except Exception as exc:  # a broken plugin must not take the others down
+        except (Exception, SystemExit) as exc:  # a broken plugin (even one calling sys.exit) must not take the others down
             catalog.broken.append(BrokenPlugin(provider, version, f"{type(exc).__name__}: {exc}"))
             continue
         try:
             _register_from(pm, plugin, provider, version, catalog)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             catalog.broken.append(BrokenPlugin(provider, version, f"{type(exc).__name__}: {exc}"))
 
     try:

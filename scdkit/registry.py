@@ -335,6 +335,8 @@ def _read_toml(path: Path) -> dict:
         raise RegistryError([f"{path}: registry file not found"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RegistryError([f"{path}: not valid TOML: {exc}"]) from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise RegistryError([f"{path}: cannot read the registry file ({exc.strerror or exc})"]) from None
 
 
 def _with_base(raw: dict, path: Path, seen: frozenset[Path]) -> dict:

@@ -9,6 +9,7 @@ import torch
 from scdkit.cli import main
 from scdkit.errors import TrainingDiverged, UsageError
 from scdkit.train import TrainConfig, Trainer, _lock, trim_log
+from tests.test_registry import GOOD
 from tests.test_training import tiny_pipeline
 
 
@@ -53,3 +54,36 @@ def test_negative_seeds_are_one_line_errors(command, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "-1" in err[0] and ("greater than or equal to 0" in err[0] or "non-negative" in err[0])
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--gif", "{dir}"],
+    ["generate", "--gif", "{tmp}/ok.gif", "--video", "/proc/x.mp4"],
+    ["probe", "--out", "{file}"],
+    ["bench", "--plot", "/proc/sweep.png"],
+    ["train", "--out", "{file}"],
+])
+def test_output_paths_are_checked_before_any_work(tmp_path, command, capsys):
+    (tmp_path / "a-file").write_text("keep")
+    (tmp_path / "keep.gif").write_text("keep")
+    args = [a.format(dir=tmp_path, tmp=tmp_path, file=tmp_path / "a-file") for a in command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("scdkit: error: --"), err
+    assert (tmp_path / "a-file").read_text() == "keep" and not (tmp_path / "ok.gif").exists()
+
+
+def test_unreadable_registries_and_exiting_plugins_are_one_line(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 2  # a directory
+    assert "cannot read the registry file" in capsys.readouterr().err
+    (tmp_path / "quitter.py").write_text("import sys\nsys.exit('bye')\n")
+    (tmp_path / "registry.toml").write_text('[scdkit]\nplugin_dirs = ["."]\n' + GOOD)
+    assert main(["validate", str(tmp_path / "registry.toml")]) == 0  # the plugin is broken, not the CLI
+
+
+def test_component_configs_refuse_nan_and_inf(tmp_path, capsys):
+    (tmp_path / "registry.toml").write_text(GOOD.replace('plugin = "flow-match-euler"',
+                                                         'plugin = "flow-match-euler"\nlogit_mean = nan\nshift = inf'))
+    assert main(["validate", str(tmp_path / "registry.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "schedulers.flow].logit_mean" in err and "shift" in err

@@ -114,7 +114,13 @@ def metadata_mismatches(stored: dict[str, str], expected: dict[str, str], defaul
 
 
 def _json_diff(key: str, have: str, want: str, only_common: bool = False, defaults: dict | None = None) -> list[str]:
-    a, b = json.loads(have), json.loads(want)
+    try:
+        a = json.loads(have)
+    except (json.JSONDecodeError, TypeError):
+        a = None
+    if not isinstance(a, dict):
+        return [f"{key}: the checkpoint's metadata is not a JSON object ({str(have)[:40]!r})"]
+    b = json.loads(want)
     a = {k: v for k, v in (defaults or {}).items() if k in b} | a
     keys = (a.keys() & b.keys()) if only_common else (a.keys() | b.keys())
     return [f"{key}.{k}: checkpoint has {a.get(k, 'absent')!r}, registry wants {b.get(k, 'absent')!r}"

@@ -372,8 +372,12 @@ def load_registry(path: str | Path, catalog: Catalog | None = None, collect: boo
     path = Path(path)
     raw = _with_base(_read_toml(path), path, frozenset({path.resolve()}))
     problems: list[str] = []
-    for key in raw:
-        if key not in TOP_LEVEL:
+    for key in list(raw):
+        if key in TOP_LEVEL and not isinstance(raw[key], dict):
+            kind = "an array of tables" if isinstance(raw[key], list) else type(raw[key]).__name__
+            problems.append(f"{path}: [{key}]: expected a table ([{key}] or [{key}.NAME]), got {kind}")
+            del raw[key]
+        elif key not in TOP_LEVEL:
             problems.append(f"{path}: [{key}]: unknown table{did_you_mean(key, TOP_LEVEL)} (expected one of: {', '.join(TOP_LEVEL)})")
 
     try:

@@ -143,6 +143,9 @@ class Trainer:
         if not path.exists():
             return False
         tensors, meta = read_checkpoint(path)
+        step = meta.get("step", "")
+        if not step.isdigit():  # also refuses "-5": a step is a count
+            raise CheckpointError(f"{path}: 'step' in its metadata is {step!r}, not a step count; start over with --fresh")
         for role in self.trained:
             prefix = f"{role}."
             self.pipeline.components[role].load_state_dict(

@@ -87,3 +87,41 @@ def test_component_configs_refuse_nan_and_inf(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "registry.toml")]) == 2
     err = capsys.readouterr().err
     assert "schedulers.flow].logit_mean" in err and "shift" in err
+
+
+def test_ill_shaped_registries_are_listed_not_tracebacks(tmp_path, capsys):
+    (tmp_path / "r.toml").write_text('encoders = 5\nscdkit = 5\n[[pipelines]]\nx = 1\n')
+    assert main(["validate", str(tmp_path / "r.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "[encoders]: expected a table" in err and "[scdkit]: expected a table" in err
+    assert "[pipelines]: expected a table ([pipelines] or [pipelines.NAME]), got an array of tables" in err
+
+
+@pytest.mark.parametrize("bad", [{"config": "[1, 2]"}, {"frame": "null"}, {"config": "not json"}])
+def test_checkpoint_metadata_that_is_not_an_object_is_refused_by_name(tmp_path, bad):
+    from safetensors.torch import save_file
+
+    from scdkit.checkpoint import component_metadata, load_component
+    from scdkit.errors import CheckpointError
+
+    encoder = tiny_pipeline(tmp_path).components["encoder"]
+    key = next(iter(bad))
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp_path / "e.safetensors"),
+              metadata=component_metadata(encoder, "encoder", 0) | bad)
+    with pytest.raises(CheckpointError, match=f"{key}: the checkpoint's metadata is not a JSON object"):
+        load_component(encoder, tmp_path / "e.safetensors", "encoder")
+
+
+@pytest.mark.parametrize("step", ["abc", "-5", ""])
+def test_a_resume_state_with_a_bad_step_is_refused(tmp_path, step):
+    from safetensors.torch import load_file, save_file
+
+    from scdkit.errors import CheckpointError
+    from scdkit.train import train
+
+    config = TrainConfig(steps=1, batch=2, frames=3, eval_every=0, warmup=1)
+    train(tiny_pipeline(tmp_path), config, tmp_path / "run", "moving-digits")
+    state = tmp_path / "run" / "train_state.safetensors"
+    save_file(load_file(str(state)), str(state), metadata={"step": step})
+    with pytest.raises(CheckpointError, match="not a step count"):
+        train(tiny_pipeline(tmp_path), config.model_copy(update={"steps": 2}), tmp_path / "run", "moving-digits")

@@ -385,8 +385,10 @@ def load_registry(path: str | Path, catalog: Catalog | None = None, collect: boo
     except ValidationError as exc:
         problems += _pydantic_problems(f"{path}: [scdkit]", exc, Settings)
         settings = Settings()
+    missing = [d for d in settings.plugin_dirs if not (path.parent / d).is_dir()]
+    problems += [f"{path}: [scdkit].plugin_dirs: no folder {d!r} (relative to this file)" for d in missing]
     if catalog is None:
-        catalog = load_catalog([path.parent / d for d in settings.plugin_dirs])
+        catalog = load_catalog([path.parent / d for d in settings.plugin_dirs if d not in missing])
     registry = Registry(path, settings, catalog, {kind: {} for kind in COMPONENT_KINDS})
 
     for kind in COMPONENT_KINDS:

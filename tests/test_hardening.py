@@ -125,3 +125,9 @@ def test_a_resume_state_with_a_bad_step_is_refused(tmp_path, step):
     save_file(load_file(str(state)), str(state), metadata={"step": step})
     with pytest.raises(CheckpointError, match="not a step count"):
         train(tiny_pipeline(tmp_path), config.model_copy(update={"steps": 2}), tmp_path / "run", "moving-digits")
+
+
+def test_a_missing_plugin_folder_is_a_registry_problem(tmp_path, capsys):
+    (tmp_path / "registry.toml").write_text('[scdkit]\nplugin_dirs = ["my_plugins"]\n' + GOOD)
+    assert main(["validate", str(tmp_path / "registry.toml")]) == 2
+    assert "[scdkit].plugin_dirs: no folder 'my_plugins'" in capsys.readouterr().err

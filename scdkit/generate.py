@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from scdkit.errors import UsageError
+from scdkit.errors import ScdkitError, UsageError
 from scdkit.evaluate import EvalConfig, Evaluation, evaluate_continuation, held_out_clips
 from scdkit.files import atomic_path
 from scdkit.interfaces import Batch
@@ -149,6 +149,9 @@ def run_generate(pipeline: Pipeline, data: str, config: EvalConfig = EvalConfig(
                  f"({context} context -> {frames} frames, {steps} steps), then timing batch-1 streaming ...",
                  highlight=False)
     result = evaluate_continuation(pipeline, data, config.model_copy(update={"steps": steps}))
+    if not torch.isfinite(result.generation.video).all():  # scores of nan would read as numbers; nothing is written
+        raise ScdkitError(f"{pipeline.name}: the generated frames are not finite (nan or inf): the weights are broken "
+                          f"or {pipeline.autocast_dtype or 'the precision'} overflows; nothing was written")
     timing = time_streaming(pipeline, held_out_clips(pipeline, data, 1, context + frames, seed=99).context(context),
                             frames, steps)
     frames = comparison_frames(result.context, result.truth, result.generation.video.float().cpu())

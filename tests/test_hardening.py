@@ -131,3 +131,17 @@ def test_a_missing_plugin_folder_is_a_registry_problem(tmp_path, capsys):
     (tmp_path / "registry.toml").write_text('[scdkit]\nplugin_dirs = ["my_plugins"]\n' + GOOD)
     assert main(["validate", str(tmp_path / "registry.toml")]) == 2
     assert "[scdkit].plugin_dirs: no folder 'my_plugins'" in capsys.readouterr().err
+
+
+def test_non_finite_generated_frames_are_an_error_and_nothing_is_written(tmp_path):
+    from scdkit.errors import ScdkitError
+    from scdkit.evaluate import EvalConfig
+    from scdkit.generate import run_generate
+
+    pipeline = tiny_pipeline(tmp_path)
+    with torch.no_grad():
+        next(pipeline.components["decoder"].parameters()).fill_(float("nan"))
+    with pytest.raises(ScdkitError, match="generated frames are not finite"):
+        run_generate(pipeline, "moving-digits", EvalConfig(clips=1, context=1, frames=1, steps=1),
+                     gif=tmp_path / "g.gif")
+    assert not (tmp_path / "g.gif").exists()

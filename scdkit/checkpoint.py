@@ -1,10 +1,12 @@
 """Safetensors checkpoints: one file per component, metadata that says what it is.
 
 Metadata (all strings, as safetensors requires): ``plugin``, ``plugin_version``, ``config``
-(JSON), ``contract`` (JSON), ``frame`` (JSON), ``scdkit_version``, ``step``, ``role``.
+(JSON), ``contract`` (JSON), ``frame`` (JSON), ``scdkit_version``, ``step``, ``role``; written by
+training, also ``prediction_type`` and ``noise_family`` of the scheduler it trained with.
 Loading compares the metadata with the component built from the registry and refuses a
-mismatch, naming every differing field. Writes go to a temporary file that is renamed into
-place, so a crash never leaves a half-written checkpoint. Nothing is ever unpickled.
+mismatch, naming every differing field (:func:`scheduler_mismatch`: a scheduler sampling other
+predictions or noise than the model was trained for). Writes go to a temporary file that is renamed
+into place, so a crash never leaves a half-written checkpoint. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import scdkit
-from scdkit.errors import CheckpointError
-from scdkit.files import atomic_path
+from scdkit.errors import CheckpointError, CheckpointMissing
+from scdkit.files import atomic_path, read_problem
 
 
 def component_metadata(module: nn.Module, role: str, step: int) -> dict[str, str]:
@@ -40,6 +42,30 @@ def component_metadata(module: nn.Module, role: str, step: int) -> dict[str, str
     if family:
         meta["weight_family"] = family
     return meta
+
+
+#: The roles whose output is the prediction a scheduler samples with.
+PREDICTING_ROLES = ("decoder", "model")
+#: What a checkpoint that records no training scheduler was trained with. Every checkpoint written before
+#: scdkit recorded it (the shipped ones included) was trained with flow-match-euler: flow-matching velocity.
+UNRECORDED_SCHEDULER = {"prediction_type": "velocity", "noise_family": "flow-matching"}
+
+
+def scheduler_metadata(scheduler) -> dict[str, str]:
+    """What a checkpoint records of the scheduler it was trained with (``Trainer.save``)."""
+    return {"prediction_type": scheduler.prediction_type, "noise_family": scheduler.noise_family}
+
+
+def scheduler_mismatch(metadata: dict[str, str], scheduler) -> str | None:
+    """Why ``scheduler`` cannot sample a model whose checkpoint has ``metadata``, or None: a model samples only
+    with schedulers of the prediction type and noise family it was trained with."""
+    trained = {key: metadata.get(key, default) for key, default in UNRECORDED_SCHEDULER.items()}
+    wanted = scheduler_metadata(scheduler)
+    if trained == wanted:
+        return None
+    return (f"trained to predict {trained['prediction_type']} on {trained['noise_family']} noise, but scheduler "
+            f"plugin {scheduler.plugin_name!r} samples {wanted['prediction_type']} on {wanted['noise_family']} noise "
+            "(a model samples only with schedulers of the prediction type and noise family it was trained with)")
 
 
 def weights_digest(weights: nn.Module | dict[str, torch.Tensor]) -> str:
@@ -78,8 +104,13 @@ def read_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    problem = read_problem(path)
+    if problem == "not found":
+        raise CheckpointMissing(f"{path}: checkpoint file not found")
+    if problem:
+        raise CheckpointError(f"{path}: cannot read the checkpoint file: {problem}")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
@@ -88,7 +119,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 # Fields that must match between a checkpoint and the component it is loaded into. ``plugin`` may
-# differ when both declare the same weight family (a same-weights swap).
+# differ when both declare the same weight family (a same-weights swap); see ``version_problem``.
 CHECKED_FIELDS = ("plugin", "plugin_version", "config", "frame", "contract")
 
 
@@ -101,7 +132,10 @@ def metadata_mismatches(stored: dict[str, str], expected: dict[str, str], defaul
     for key in CHECKED_FIELDS:
         if key not in expected:
             continue
-        if same_family and key in ("plugin", "plugin_version", "config"):
+        if key == "plugin_version":
+            problems += filter(None, [version_problem(stored, expected)])
+            continue
+        if same_family and key in ("plugin", "config"):
             continue  # compared below on the shared architecture fields only
         have, want = stored.get(key), expected[key]
         if key in ("config", "frame", "contract") and have is not None:
@@ -111,6 +145,38 @@ def metadata_mismatches(stored: dict[str, str], expected: dict[str, str], defaul
     if same_family:
         problems += _json_diff("config", stored.get("config", "{}"), expected["config"], only_common=True)
     return problems
+
+
+def version_problem(stored: dict[str, str], expected: dict[str, str]) -> str | None:
+    """Why a checkpoint's ``plugin_version`` refuses it, or None. A plugin loads its own checkpoints at
+    exactly its version. Members of one weight family load one another's checkpoints when their versions
+    have the same major number (``1`` of ``1.4.2``, ``0`` of ``0.1.0``): a member that changes what the
+    shared weights compute bumps its major version, and the family's other members follow it when they make
+    the same change."""
+    have, want = stored.get("plugin_version"), expected.get("plugin_version")
+    if have == want:
+        return None
+    plugin, family = expected.get("plugin"), expected.get("weight_family")
+    if stored.get("plugin") == plugin or not family or stored.get("weight_family") != family:
+        return f"plugin_version: checkpoint has {have!r}, registry wants {want!r}"
+    if _major(have) == _major(want):
+        return None
+    return (f"plugin_version: checkpoint has {stored.get('plugin')} {have!r}, registry wants {plugin} {want!r}: "
+            f"members of weight family {family!r} load one another's checkpoints only at the same major version")
+
+
+def _major(version: str | None) -> str | None:
+    return None if version is None else str(version).split(".", 1)[0]
+
+
+def shape_problems(stored: dict[str, tuple], wanted: dict[str, tuple], what: str) -> list[str]:
+    """How the tensors ``stored`` (name -> shape) do not fit the ones ``what`` wants: names missing or
+    unexpected, shapes that differ (one line, not torch's size-mismatch report)."""
+    missing, unexpected = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
+    problems = [f"weights do not fit {what}: missing {missing[:5]}, unexpected {unexpected[:5]}"] \
+        if missing or unexpected else []
+    return problems + [f"{k}: checkpoint has shape {list(stored[k])}, the component {list(shape)}"
+                       for k, shape in wanted.items() if k in stored and tuple(stored[k]) != tuple(shape)]
 
 
 def _json_diff(key: str, have: str, want: str, only_common: bool = False, defaults: dict | None = None) -> list[str]:
@@ -151,12 +217,7 @@ def checkpoint_mismatches(module: nn.Module, path: Path, role: str) -> tuple[lis
     with safe_open(str(path), framework="pt") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing, unexpected = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
-    if missing or unexpected:
-        problems.append(f"weights do not fit {module.plugin_name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    problems += [f"{k}: checkpoint has shape {list(stored[k])}, the component {list(shape)}"
-                 for k, shape in wanted.items() if k in stored and stored[k] != shape]
-    return problems, metadata
+    return problems + shape_problems(stored, wanted, module.plugin_name), metadata
 
 
 def load_component(module: nn.Module, path: Path, role: str) -> dict[str, str]:
@@ -173,6 +234,9 @@ def checkpoint_problems(components: dict[str, nn.Module], directory: Path) -> tu
     """Check a pipeline's checkpoint folder against its components (e.g. built on the meta device):
     (problems, a one-line note on what the folder holds). A folder without any component file is
     not trained yet, which is no problem."""
+    problem = read_problem(directory)
+    if problem and problem != "not found":
+        return [f"{directory}: cannot read the checkpoint folder: {problem}"], f"{directory}: unreadable"
     files = {role: Path(directory) / f"{role}.safetensors" for role in components}
     present = [role for role, path in files.items() if path.is_file()]
     if not present:
@@ -181,7 +245,27 @@ def checkpoint_problems(components: dict[str, nn.Module], directory: Path) -> tu
                 for role in files if role not in present]
     steps = set()
     for role in present:
-        found, metadata = checkpoint_mismatches(components[role], files[role], role)
+        try:
+            found, metadata = checkpoint_mismatches(components[role], files[role], role)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
         problems += [f"{files[role]}: {problem}" for problem in found]
         steps.add(metadata.get("step", "?"))
     return problems, f"{directory}: trained, step {', '.join(sorted(steps))}"
+
+
+def scheduler_problems(components: dict[str, nn.Module], directory: Path, scheduler) -> list[str]:
+    """``FILE: why`` for each checkpoint of a predicting component in ``directory`` that ``scheduler`` cannot
+    sample (:func:`scheduler_mismatch`). A file that cannot be read is :func:`checkpoint_problems`' to report."""
+    problems = []
+    for role in PREDICTING_ROLES:
+        path = Path(directory) / f"{role}.safetensors"
+        if role not in components or read_problem(path):  # missing, or unreadable (no permission)
+            continue
+        try:
+            problem = scheduler_mismatch(read_metadata(path), scheduler)
+        except CheckpointError:
+            continue
+        problems += [f"{path}: {problem}"] if problem else []
+    return problems

@@ -1,6 +1,9 @@
 """The `scdkit` command. Commands are thin: parse, call an importable function, print.
 
-Every scdkit error becomes one line on stderr and a non-zero exit (2 for bad input).
+Every error a user can act on becomes one line on stderr and a non-zero exit (2 for bad input), in one
+place (``user_error``): scdkit's own errors, running out of memory, and OS errors on a named path.
+``--debug`` (or ``SCDKIT_DEBUG=1``) shows the traceback as well, for bug reports; any other exception is a
+bug and shows its traceback anyway. Ctrl-C and SIGTERM stop a command the same way (exit 130).
 """
 
 from __future__ import annotations
@@ -8,7 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import sys
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -85,9 +92,28 @@ def _say(message: str) -> None:
     err_console.print(message, highlight=False)
 
 
-def _pipeline(args, load: bool = True, steps: int | None = None):
-    """Build the pipeline the options name, check the sampling ``steps`` it will use, then say where it runs
+def _continuation_needs(command: str, config, frames: int | None = None):
+    """What continuing held-out clips needs (``_pipeline``'s ``needs``), for a config with clips and
+    optionally context, frames and steps (``frames``: how many frames follow the context)."""
+    from scdkit.memory import continuation_bytes
+
+    context, steps = getattr(config, "context", 0), getattr(config, "steps", None)
+    frames = config.frames if frames is None else frames
+    given = {"clips": config.clips, "context": context, "frames": getattr(config, "frames", None), "steps": steps}
+    what = " ".join([command, *(f"--{key} {value}" for key, value in given.items() if value)])
+
+    def needs(pipeline):
+        total = continuation_bytes(pipeline.frame, config.clips, context, frames,
+                                   steps or getattr(pipeline.scheduler, "steps", 0))
+        return total, what, "ask for fewer clips, frames or steps"
+    return needs
+
+
+def _pipeline(args, load: bool = True, steps: int | None = None, needs=None):
+    """Build the pipeline the options name, check the memory the work ``needs`` (a function of the pipeline:
+    bytes, what, hint; see ``scdkit.memory``) and the sampling ``steps`` it will use, then say where it runs
     (after every check, so that an error stays one line)."""
+    from scdkit.memory import check_fits
     from scdkit.registry import load_registry
 
     registry = load_registry(args.registry)
@@ -96,6 +122,9 @@ def _pipeline(args, load: bool = True, steps: int | None = None):
     pipeline = registry.build(name, load=load, checkpoint=getattr(args, "checkpoint", None) if load else None,
                               encoder=getattr(args, "encoder", None),
                               force_pairing=getattr(args, "force_pairing", False), **options)
+    if needs is not None:
+        needed, what, hint = needs(pipeline)
+        check_fits(needed, what, pipeline.device, hint)
     pipeline.sampling_times(steps)
     _say(where)
     if args.attention:
@@ -129,7 +158,16 @@ def cmd_train(args) -> int:
             raise UsageError(f"--encoder {args.encoder}: the run in {out} trains encoder {recorded!r}; resume it "
                              "with that encoder, or pass --fresh")
         args.encoder = args.encoder or recorded
-    registry, name, pipeline = _pipeline(args, load=False)
+    import torch
+
+    from scdkit.memory import training_bytes
+    from scdkit.runs import check_init_readable
+
+    check_init_readable(args.init)
+    torch.manual_seed(config.seed)  # the initial weights too: the same seed, the same run
+    registry, name, pipeline = _pipeline(args, load=False, needs=lambda p: (
+        training_bytes(p.frame, config.batch, config.frames, config.recipe.noise_draws),
+        f"train --batch {config.batch} --frames {config.frames}", "use a smaller --batch or --frames"))
     freeze = [role.strip() for item in args.freeze for role in item.split(",") if role.strip()]
     names = registry.role_names(name, args.encoder)
     console.print(f"training [bold]{name}[/bold] ({', '.join(f'{r} {n}' for r, n in names.items())}; "
@@ -150,15 +188,16 @@ def cmd_generate(args) -> int:
     if args.video:
         check_video_support(Path(args.video))
         check_writable(args.video, "--video")
-    registry, name, pipeline = _pipeline(args, steps=config.steps)
+    registry, name, pipeline = _pipeline(args, steps=config.steps, needs=_continuation_needs("generate", config))
     run_generate(pipeline, registry.pipelines[name].data, config, gif=Path(args.gif),
                  video=Path(args.video) if args.video else None, as_json=args.json, console=console)
     return 0
 
 
 def cmd_probe(args) -> int:
-    from scdkit.options import model_from_args
     from scdkit.files import check_writable
+    from scdkit.memory import check_fits
+    from scdkit.options import model_from_args
     from scdkit.probe import ProbeConfig, load_probe_pipeline, plot_probe, run_probe, write_json
     from scdkit.registry import load_registry
 
@@ -167,6 +206,8 @@ def cmd_probe(args) -> int:
     registry = load_registry(args.registry)
     options, where = _build_options(args)
     pipeline, step = load_probe_pipeline(registry, args.pipeline, args.checkpoint, **options)
+    needed, what, hint = _continuation_needs("probe", config, frames=1)(pipeline)
+    check_fits(needed, what, pipeline.device, hint)
     _say(where)
     result = run_probe(pipeline, registry.pipelines[args.pipeline].data, config)
     out = Path(args.out)
@@ -188,6 +229,7 @@ def cmd_probe(args) -> int:
 
 def cmd_swap_eval(args) -> int:
     from scdkit.evaluate import EvalConfig
+    from scdkit.memory import check_fits, continuation_bytes
     from scdkit.options import model_from_args
     from scdkit.registry import load_registry
     from scdkit.swap_eval import default_encoders, markdown, parse_checkpoints, rich_table, swap_eval
@@ -198,6 +240,11 @@ def cmd_swap_eval(args) -> int:
     encoders = ([name.strip() for name in args.encoders.split(",") if name.strip()] if args.encoders
                 else default_encoders(registry, pipeline))
     options, where = _build_options(args)
+    if pipeline in registry.pipelines:
+        frame = registry.pipelines[pipeline].frame
+        check_fits(continuation_bytes(frame, config.clips, config.context, config.frames, config.steps or 0),
+                   f"swap-eval --clips {config.clips} --context {config.context} --frames {config.frames}",
+                   options["device"], "ask for fewer clips or frames")
     report = swap_eval(registry, pipeline, encoders, parse_checkpoints(args.checkpoint, encoders), config,
                        progress=lambda row: _say(f"evaluated {row.encoder} ({where})"), seeds=args.seeds,
                        warn=lambda message: _say(f"warning: {message}"),
@@ -218,7 +265,7 @@ def cmd_encode(args) -> int:
     config = model_from_args(EncodeConfig, args)
     out = Path(args.out)
     check_writable(out, args.overwrite)  # before any work
-    registry, name, pipeline = _pipeline(args)
+    registry, name, pipeline = _pipeline(args, needs=_continuation_needs("encode", config))
     cache = encode(pipeline, registry.pipelines[name].data, config, registry.pipelines[name].encoder)
     write_cache(cache, out, args.overwrite)
     info = cache.info
@@ -264,7 +311,9 @@ def cmd_check(args) -> int:
 
 def cmd_bench(args) -> int:
     from scdkit.bench import BenchConfig, BenchRun, plot_sweep, print_bench, run_bench
+    from scdkit.encoder_bench import REPEATS, WARMUP
     from scdkit.files import check_writable
+    from scdkit.memory import check_fits, clip_bytes, kv_cache_bytes
     from scdkit.options import model_from_args
 
     config = model_from_args(BenchConfig, args)
@@ -274,8 +323,16 @@ def cmd_bench(args) -> int:
             check_writable(path, option)  # before minutes of bench
     if args.plot and not run.frames:
         run = run.model_copy(update={"frames": [16, 32, 64, 128]})
+    short = [str(n) for n in args.curve_frames if n < REPEATS + WARMUP]
+    if short:
+        raise UsageError(f"--curve-frames {' '.join(short)}: each frame count must be at least {REPEATS + WARMUP} "
+                         f"(each point ends with {WARMUP} warm-up and {REPEATS} timed steps)")
     encoders = _registry_encoders(args) if args.encoders else None  # bad names fail before minutes of bench
     runtime, device, _ = _runtime(args)
+    longest = max([config.context_frames + run.generate, *(n + 3 for n in run.frames or [])])
+    check_fits(kv_cache_bytes(config.baseline_layers, longest, config.tokens_per_frame, config.width)
+               + clip_bytes(config.frame, 1, longest), f"bench with {longest} frames in the context", device,
+               "ask for fewer --context-frames or --frames")
     result = run_bench(config, run, progress=_say, device=device, precision=runtime.precision,
                        compile=runtime.compile)
     if args.plot:
@@ -361,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="scdkit", description="Separable Causal Diffusion video models.")
     parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show an error's traceback above its one line, for bug reports (also: SCDKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("plugins", help="list registered components and broken plugins")
@@ -395,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow replacing trained weights in --out that have no training state to resume")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="continue held-out clips, write a GIF, compare with repeat-last")
+    p = sub.add_parser("generate",
+                       help="continue held-out clips, write a GIF, compare with repeat-last and constant velocity")
     registry_args(p)
     add_model_options(p.add_argument_group("evaluation"), EvalConfig)
     p.add_argument("--gif", default="out/generate.gif", help="where the comparison GIF goes")
@@ -477,19 +537,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        import torch
+def user_error(exc: BaseException) -> tuple[str, int] | None:
+    """The one line and exit code of an error a user can act on, or None for a bug (its traceback is shown)."""
+    if isinstance(exc, ScdkitError):
+        return str(exc), exc.exit_code
+    text = str(exc)
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and re.search(
+            r"out of memory|can't allocate memory|not enough memory", text, re.I)):
+        from scdkit.memory import size
 
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
-        return args.func(args)
-    except ScdkitError as exc:
-        err_console.print(f"scdkit: error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        err_console.print("scdkit: interrupted")
-        return 130
+        amount = re.search(r"(?:tried to allocate|unable to allocate) ([\d.]+) ?([KMGTPE]i?B|bytes)", text, re.I)
+        if amount is not None:
+            amount = size(int(amount[1])) if amount[2] == "bytes" else " ".join(amount.groups())
+        asked = f" (an allocation of {amount})" if amount else ""
+        return (f"out of memory{asked}: ask for less (--batch, --frames, --clips, --context, --steps) or use a "
+                "device with more memory", 2)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or text}", 2
+    return None
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops a command as Ctrl-C does: a KeyboardInterrupt (atomic writes remove their temporary
+    files; training saves a checkpoint first, see ``Trainer.stop_on_signals``)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    try:
+        previous = [signal.signal(signal.SIGTERM, interrupt)]
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = []
+    try:
+        yield
+    finally:
+        for handler in previous:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("SCDKIT_DEBUG", "") not in ("", "0")
+    with _sigterm_as_interrupt():
+        try:
+            args = build_parser().parse_args(argv)
+            debug = debug or args.debug
+            import torch
+
+            torch.set_num_threads(args.threads or os.cpu_count() or 1)
+            return args.func(args)
+        except KeyboardInterrupt as exc:
+            err_console.print(f"scdkit: interrupted{f': {exc}' if str(exc) else ''}", markup=False, highlight=False,
+                              soft_wrap=True)
+            return 130
+        except Exception as exc:
+            known = user_error(exc)
+            if known is None:
+                raise
+            if debug:
+                traceback.print_exc()
+            err_console.print(f"scdkit: error: {known[0]}", markup=False, highlight=False, soft_wrap=True)
+            return known[1]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ contract, and which clips (data set, split, seed, clips, frames).
 
 A render (``scdkit render``) is teacher-forced: frame f + 1 of every clip is decoded from the conditioning
 of true frame f, every (clip, frame) pair independently and many at once, then scored against the true
-frames and against repeating frame f.
+frames beside two non-learned references: repeating frame f, and moving it on at the velocity from frame
+f - 1 to frame f (``scdkit.references``).
 
 Axis legend: b clips · f frames · n tokens per frame · p patch values · n_c d_c conditioning tokens, width.
 """
@@ -30,16 +31,17 @@ import torch
 from einops import rearrange
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
-from rich.table import Table
 from torch import Tensor
 
 import scdkit
 from scdkit.checkpoint import atomic_save, read_checkpoint, weights_digest
 from scdkit.errors import UsageError
 from scdkit.evaluate import EvalConfig, Scores, held_out_clips
+from scdkit.generate import scores_table
 from scdkit.interfaces import Batch, CondSpec, Conditioning, FrameSpec, given
 from scdkit.metrics import sharpness_per_frame
 from scdkit.pipeline import Pipeline, ScdModel, patchify, to_model_range, to_pixel_range, unpatchify
+from scdkit.references import constant_velocity_next
 
 HELD_OUT_SPLIT = "test"  # the split ``held_out_clips`` draws from
 
@@ -106,6 +108,7 @@ class Render:
     truth: Tensor  # the true frames 2..f
     model: Scores
     repeat_last: Scores  # the true frame before each, as the prediction
+    constant_velocity: Scores  # the true frame before each, moved on as from the one before it
     truth_sharpness: list[float]
     steps: int
     seconds: float  # decoding alone
@@ -246,23 +249,19 @@ def render_cache(pipeline: Pipeline, cache: EncoderCache, config: RenderConfig =
     video = render(pipeline, cache.cond, cache.clips.conditioning, config.steps, pipeline.generator(config.seed),
                    config.batch)
     seconds = time.perf_counter() - started
-    truth, previous = cache.clips.video[:, 1:], cache.clips.video[:, :-1]
-    return Render(video, truth, Scores.of(video, truth), Scores.of(previous, truth),
-                  sharpness_per_frame(truth).tolist(), config.steps or pipeline.scheduler.steps, seconds)
+    true = cache.clips.video
+    truth = true[:, 1:]
+    return Render(video, truth, Scores.of(video, truth), Scores.of(true[:, :-1], truth),
+                  Scores.of(constant_velocity_next(true), truth), sharpness_per_frame(truth).tolist(),
+                  config.steps or pipeline.scheduler.steps, seconds)
 
 
 def print_render(result: Render, console: Console) -> None:
     clips, pairs = result.video.shape[:2]
-    table = Table(title=f"teacher-forced render: {clips} clips x {pairs} frames, {result.steps} steps, "
-                        "each frame from the encoder output of the true frame before it")
-    columns = {"PSNR render": (result.model.psnr, "{:.2f}"), "PSNR last": (result.repeat_last.psnr, "{:.2f}"),
-               "SSIM render": (result.model.ssim, "{:.3f}"), "SSIM last": (result.repeat_last.ssim, "{:.3f}"),
-               "sharp render": (result.model.sharpness, "{:.4f}"), "sharp true": (result.truth_sharpness, "{:.4f}")}
-    table.add_column("frame")
-    for title in columns:
-        table.add_column(title, justify="right")
-    for f in range(pairs):
-        table.add_row(str(f + 2), *[fmt.format(values[f]) for values, fmt in columns.values()])
-    table.add_row("mean", *[fmt.format(sum(values) / pairs) for values, fmt in columns.values()], style="bold")
-    console.print(table)
+    title = (f"teacher-forced render: {clips} clips x {pairs} frames, {result.steps} steps, each frame from the "
+             "encoder output of the true frame before it; last = that true frame, velocity = it moved on as from "
+             "the one before (frame 2: repeated)")
+    scores = {"render": vars(result.model), "last": vars(result.repeat_last),
+              "velocity": vars(result.constant_velocity)}
+    console.print(scores_table(title, [str(f + 2) for f in range(pairs)], scores, result.truth_sharpness))
     console.print(f"decoded {clips * pairs} frames in {result.seconds:.2f} s; the encoder did not run")

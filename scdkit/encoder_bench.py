@@ -37,6 +37,7 @@ from scdkit.interfaces import CausalEncoder
 MB = 2**20
 FRAME_COUNTS = (16, 32, 64, 128, 256, 512, 1024)
 TRAIN_LENGTHS = (16, 32, 64, 128)
+REPEATS, WARMUP = 5, 2  # timed and untimed steps at the end of each frame count: a count is at least their sum
 
 
 class LiveBytes(TorchDispatchMode):
@@ -111,8 +112,8 @@ def _generator(encoder: CausalEncoder, seed: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def step_curve_point(encoder: CausalEncoder, frames: int, batch: int = 1, repeats: int = 5, warmup: int = 2,
-                     prefill_chunk: int = 16, seed: int = 0) -> dict:
+def step_curve_point(encoder: CausalEncoder, frames: int, batch: int = 1, repeats: int = REPEATS,
+                     warmup: int = WARMUP, prefill_chunk: int = 16, seed: int = 0) -> dict:
     """Per-frame step time and memory of ``encoder`` once it has seen ``frames`` frames (see module doc)."""
     if frames < repeats + warmup:
         raise ValueError(f"frame count {frames} is below repeats + warmup = {repeats + warmup}")
@@ -139,7 +140,7 @@ def step_curve_point(encoder: CausalEncoder, frames: int, batch: int = 1, repeat
 
 
 def encoder_curves(encoders: dict[str, CausalEncoder], frame_counts: Iterable[int] = FRAME_COUNTS, batch: int = 1,
-                   repeats: int = 5, warmup: int = 2, prefill_chunk: int = 16, seed: int = 0,
+                   repeats: int = REPEATS, warmup: int = WARMUP, prefill_chunk: int = 16, seed: int = 0,
                    progress=None) -> list[dict]:
     """One row per encoder and frame count: ``{"encoder", "frames", "step_s", "state_mb", "step_peak_mb",
     "peak_mb"}``. ``progress``, if given, is called with each row as it is measured."""

@@ -44,6 +44,16 @@ class CheckpointError(ScdkitError):
     exit_code = 2
 
 
+class CheckpointMissing(CheckpointError):
+    """A checkpoint file that does not exist (not one that exists but cannot be read)."""
+
+
+class NotFinite(ScdkitError):
+    """A result that is nan or inf (broken weights, or a precision that overflows): an error, never a figure."""
+
+    exit_code = 2
+
+
 class BackendUnavailable(ScdkitError):
     """An attention backend was requested explicitly but cannot run here."""
 
@@ -54,3 +64,8 @@ class TrainingDiverged(ScdkitError):
     """The loss or the weights stopped being finite; the last checkpoint was not touched."""
 
     exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by SIGINT (Ctrl-C) or SIGTERM, after finishing cleanly (training saves a checkpoint first);
+    the message says what was kept. The CLI prints it as one line and exits 130, as for Ctrl-C."""

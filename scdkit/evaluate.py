@@ -1,4 +1,5 @@
-"""Continuation quality on held-out clips: a pipeline next to "repeat the last context frame"."""
+"""Continuation quality on held-out clips: a pipeline next to two non-learned references, "repeat the last
+context frame" and "move it on at constant velocity" (``scdkit.references``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from scdkit.data import make_clips
 from scdkit.interfaces import Batch
 from scdkit.metrics import mse_per_frame, psnr_per_frame, sharpness_per_frame, ssim_per_frame
 from scdkit.pipeline import Generation, Pipeline
+from scdkit.references import constant_velocity, repeat_last
 
 
 class EvalConfig(BaseModel):
@@ -49,6 +51,7 @@ class Evaluation:
     generation: Generation
     model: Scores
     repeat_last: Scores
+    constant_velocity: Scores
     truth_sharpness: list[float]
 
 
@@ -64,6 +67,6 @@ def evaluate_continuation(pipeline: Pipeline, data: str, config: EvalConfig = Ev
     past, truth = batch.video[:, :context], batch.video[:, context:]
     generation = pipeline.generate(batch.context(context), frames, steps=steps, generator=pipeline.generator(seed))
     generated = generation.video.float().cpu()
-    repeat = past[:, -1:].expand_as(truth)
-    return Evaluation(batch, past, truth, generation, Scores.of(generated, truth), Scores.of(repeat, truth),
+    return Evaluation(batch, past, truth, generation, Scores.of(generated, truth),
+                      Scores.of(repeat_last(past, frames), truth), Scores.of(constant_velocity(past, frames), truth),
                       sharpness_per_frame(truth).tolist())

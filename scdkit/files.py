@@ -3,7 +3,9 @@ so a crash or an error never leaves a half-written or replaced file."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,13 +19,67 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     normal permissions (0666 less the umask), whatever the writer used (safetensors writes 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # TEMPORARY matches it
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: The name of an ``atomic_path`` temporary file, with the id of the process that writes it.
+TEMPORARY = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)\.tmp(?P<suffix>\.[^.]*)?$")
+
+
+def stale_temporaries(folder: str | Path) -> list[Path]:
+    """The ``atomic_path`` temporary files in ``folder`` whose writer is gone (killed before it could remove
+    them). A file whose process id is alive is kept: it may be a write in progress."""
+    found = []
+    for path in sorted(Path(folder).iterdir()):
+        match = TEMPORARY.match(path.name)
+        if match and path.is_file() and not _alive(int(match["pid"])):
+            found.append(path)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError as exc:  # EPERM: alive, another user's
+        return exc.errno == errno.EPERM
+    return True
+
+
+def read_problem(path: str | Path) -> str | None:
+    """Why ``path`` (a file or a folder) cannot be read, as a short phrase ("not found", "permission
+    denied (FOLDER)"), or None when it can. It names the folder or file that refuses access, since a
+    file in a folder without permission looks missing to ``Path.exists``."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except FileNotFoundError:
+        return "not found"
+    except PermissionError:
+        denied = next((p for p in [*reversed(path.parents), path] if p.exists() and not _readable(p)), path)
+        return f"permission denied{f' ({denied})' if denied != path else ''}"
+    except IsADirectoryError:
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _readable(path: Path) -> bool:
+    return os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0))
 
 
 def _umask() -> int:

@@ -1,5 +1,6 @@
 """`scdkit generate`, the main job: continue held-out clips, write a GIF, and print how the
-model compares with repeating the last context frame, plus streaming timings."""
+model compares with two non-learned references (repeat the last context frame; move it on at constant
+velocity), plus streaming timings."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from scdkit.errors import ScdkitError, UsageError
+from scdkit.errors import NotFinite, UsageError
 from scdkit.evaluate import EvalConfig, Evaluation, evaluate_continuation, held_out_clips
 from scdkit.files import atomic_path
 from scdkit.interfaces import Batch
@@ -96,6 +97,11 @@ def time_streaming(pipeline: Pipeline, clip: Batch, frames: int, steps: int | No
     return timed
 
 
+# the non-learned references (scdkit.references): Evaluation field -> (name, column)
+REFERENCES = {"repeat_last": ("repeat-last", "last"), "constant_velocity": ("constant velocity", "velocity")}
+METRICS = (("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("sharpness", "sharp", "{:.4f}"))
+
+
 def summary(result: Evaluation, timing: Generation, steps: int) -> dict:
     first4 = min(4, len(result.model.psnr))
     return {
@@ -104,35 +110,50 @@ def summary(result: Evaluation, timing: Generation, steps: int) -> dict:
         "context_frames": result.context.shape[1],
         "generated_frames": result.truth.shape[1],
         "model": vars(result.model),
-        "repeat_last": vars(result.repeat_last),
+        **{who: vars(getattr(result, who)) for who in REFERENCES},
         "true_sharpness": result.truth_sharpness,
-        "psnr_first4": {"model": result.model.mean(first4)["psnr"], "repeat_last": result.repeat_last.mean(first4)["psnr"]},
+        "psnr_first4": {who: getattr(result, who).mean(first4)["psnr"] for who in ("model", *REFERENCES)},
+        "ssim_first4": {who: getattr(result, who).mean(first4)["ssim"] for who in ("model", *REFERENCES)},
+        # PSNR rewards blur: the generated frames' mean spatial gradient over the true frames', all frames
+        "sharpness_ratio": result.model.mean()["sharpness"] / (sum(result.truth_sharpness) / len(result.truth_sharpness)),
         "timing_batch1": {"first_frame_s": timing.first_frame_s, "per_frame_s": timing.per_frame_s,
                           "fps": 1.0 / timing.per_frame_s, "warmup_s": timing.warmup_s},
     }
 
 
-def print_report(report: dict, console: Console) -> None:
-    table = Table(title=f"held-out continuation: {report['clips']} clips, {report['context_frames']} context frames, "
-                        f"{report['steps']} steps")
-    columns = [("PSNR model", "model", "psnr", "{:.2f}"), ("PSNR last", "repeat_last", "psnr", "{:.2f}"),
-               ("SSIM model", "model", "ssim", "{:.3f}"), ("SSIM last", "repeat_last", "ssim", "{:.3f}"),
-               ("sharp model", "model", "sharpness", "{:.4f}")]
+def scores_table(title: str, frames: list[str], scores: dict[str, dict[str, list[float]]],
+                 true_sharpness: list[float]) -> Table:
+    """One row per frame (named by ``frames``) and their mean: PSNR, SSIM and sharpness of each predictor in
+    ``scores`` (column name -> its ``Scores`` as a dict), then the true frames' sharpness."""
+    columns = [(f"{label}\n{who}", values[metric], fmt) for metric, label, fmt in METRICS
+               for who, values in scores.items()] + [("sharp\ntrue", true_sharpness, "{:.4f}")]
+    table = Table(title=title)
     table.add_column("frame")
-    for title, *_ in columns:
-        table.add_column(title, justify="right")
-    table.add_column("sharp true", justify="right")
-    series = [report[who][metric] for _, who, metric, _ in columns] + [report["true_sharpness"]]
-    formats = [fmt for *_, fmt in columns] + ["{:.4f}"]
-    for f in range(report["generated_frames"]):
-        table.add_row(f"+{f + 1}", *[fmt.format(values[f]) for values, fmt in zip(series, formats)])
-    table.add_row("mean", *[fmt.format(sum(v) / len(v)) for v, fmt in zip(series, formats)], style="bold")
-    console.print(table)
-    first4 = report["psnr_first4"]
-    verdict = "beats" if first4["model"] > first4["repeat_last"] else "does NOT beat"
-    first = min(4, report["generated_frames"])
-    console.print(f"PSNR over the first {first} generated frame{'s' * (first > 1)}: model {first4['model']:.2f} dB {verdict} "
-                  f"repeat-last {first4['repeat_last']:.2f} dB ({first4['model'] - first4['repeat_last']:+.2f} dB)")
+    for name, *_ in columns:
+        table.add_column(name, justify="right")
+    for f, frame in enumerate(frames):
+        table.add_row(frame, *[fmt.format(values[f]) for _, values, fmt in columns])
+    table.add_row("mean", *[fmt.format(sum(values) / len(values)) for _, values, fmt in columns], style="bold")
+    return table
+
+
+def print_report(report: dict, console: Console) -> None:
+    title = (f"held-out continuation: {report['clips']} clips, {report['context_frames']} context frames, "
+             f"{report['steps']} steps; last = repeat the last context frame, velocity = move it on at constant "
+             "velocity")
+    frames = [f"+{f + 1}" for f in range(report["generated_frames"])]
+    scores = {"model": report["model"]} | {column: report[who] for who, (_, column) in REFERENCES.items()}
+    console.print(scores_table(title, frames, scores, report["true_sharpness"]))
+    first4, first = report["psnr_first4"], min(4, report["generated_frames"])
+    model = first4["model"]
+    against = " and ".join(f"{'beats' if model > first4[who] else 'does NOT beat'} {name} {first4[who]:.2f} dB "
+                           f"({model - first4[who]:+.2f} dB)" for who, (name, _) in REFERENCES.items())
+    console.print(f"PSNR over the first {first} generated frame{'s' * (first > 1)}: model {model:.2f} dB {against}")
+    ssim = report["ssim_first4"]
+    console.print(f"SSIM over the same frames: model {ssim['model']:.3f}, "
+                  + ", ".join(f"{name} {ssim[who]:.3f}" for who, (name, _) in REFERENCES.items())
+                  + f"; sharpness of all {report['generated_frames']} generated frames: "
+                  f"{report['sharpness_ratio']:.2f}x the true frames' (blur reads below 1)")
     t = report["timing_batch1"]
     console.print(f"streaming, batch 1: time to first frame {t['first_frame_s'] * 1000:.1f} ms (prefill included), "
                   f"steady {t['per_frame_s'] * 1000:.1f} ms/frame, {t['fps']:.1f} frames/s; warm-up run "
@@ -150,7 +171,7 @@ def run_generate(pipeline: Pipeline, data: str, config: EvalConfig = EvalConfig(
                  highlight=False)
     result = evaluate_continuation(pipeline, data, config.model_copy(update={"steps": steps}))
     if not torch.isfinite(result.generation.video).all():  # scores of nan would read as numbers; nothing is written
-        raise ScdkitError(f"{pipeline.name}: the generated frames are not finite (nan or inf): the weights are broken "
+        raise NotFinite(f"{pipeline.name}: the generated frames are not finite (nan or inf): the weights are broken "
                           f"or {pipeline.autocast_dtype or 'the precision'} overflows; nothing was written")
     timing = time_streaming(pipeline, held_out_clips(pipeline, data, 1, context + frames, seed=99).context(context),
                             frames, steps)

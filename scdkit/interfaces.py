@@ -320,7 +320,13 @@ class VideoModel(nn.Module, Component, ABC):
 
 # -- schedulers -----------------------------------------------------------------------------------
 
-PredictionType = Literal["epsilon", "velocity", "sample"]
+#: What a model predicts: ``epsilon`` the noise, ``sample`` the clean x0, ``velocity`` dx_t/dt along the
+#: noising path (noise − x0 for flow matching), ``v`` alpha·noise − sigma·x0 (Salimans & Ho; diffusers'
+#: "v_prediction", for variance-preserving noise).
+PredictionType = Literal["epsilon", "velocity", "v", "sample"]
+#: How ``alpha_sigma`` mixes x0 and noise: ``flow-matching`` alpha + sigma = 1 (x_t = (1 − t)·x0 + t·noise),
+#: ``ddpm`` variance-preserving alpha² + sigma² = 1 (DDPM, DDIM, diffusers' beta schedules), else ``other``.
+NoiseFamily = Literal["flow-matching", "ddpm", "other"]
 
 
 @dataclass
@@ -357,9 +363,9 @@ class NoiseScheduler(Component, ABC):
     ``x = step(state, model(x, state.t), x, generator)``. Everything a solver remembers lives in the
     state, so multistep and ancestral (seeded) samplers fit; the scheduler object itself is stateless.
 
-    Declared: ``steps`` (default sampling steps) and ``prediction_type`` (what the model predicts:
-    ``epsilon`` the noise, ``sample`` the clean x0, ``velocity`` dx_t/dt along the noising path,
-    i.e. noise − x0 for flow matching).
+    Declared: ``steps`` (default sampling steps) and ``prediction_type`` (what the model predicts, see
+    :data:`PredictionType`). ``noise_family`` is read off ``alpha_sigma``. A trained checkpoint records both,
+    and a model samples only with schedulers of the prediction type and noise family it was trained with.
     """
 
     def __init__(self, config: ComponentConfig):
@@ -398,6 +404,17 @@ class NoiseScheduler(Component, ABC):
         """One sampling step from ``state.t`` to ``state.t_next``; advances ``state.index``."""
 
     # Shared by every scheduler; override where an algorithm needs something else.
+
+    @property
+    def noise_family(self) -> NoiseFamily:
+        """The :data:`NoiseFamily` of ``alpha_sigma``, checked at t = 0.25, 0.5 and 0.75."""
+        t = torch.tensor([0.25, 0.5, 0.75], device="cpu")
+        alpha, sigma = (torch.as_tensor(v).double() for v in self.alpha_sigma(t))
+        if bool(((alpha + sigma - 1).abs() < 1e-4).all()):
+            return "flow-matching"
+        if bool(((alpha**2 + sigma**2 - 1).abs() < 1e-4).all()):
+            return "ddpm"
+        return "other"
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Noisy sample x_t; ``t`` broadcasts from the left over x0's leading axes."""

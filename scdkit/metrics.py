@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 
 def mse_per_frame(pred: Tensor, true: Tensor) -> Tensor:
@@ -17,12 +18,31 @@ def psnr_per_frame(pred: Tensor, true: Tensor) -> Tensor:
     return (-10 * torch.log10(mse)).mean(dim=0)
 
 
-def ssim_per_frame(pred: Tensor, true: Tensor) -> Tensor:
-    frames = pred.shape[1]
-    return torch.stack([
-        structural_similarity_index_measure(pred[:, f], true[:, f], data_range=1.0, kernel_size=7)
-        for f in range(frames)
-    ])
+def ssim_per_frame(pred: Tensor, true: Tensor, sigma: float = 1.5) -> Tensor:
+    """SSIM of each clip's frame, averaged over clips, in the convention of Wang et al. (2004): a Gaussian
+    window of std ``sigma`` truncated at 3.5 sigma (11x11 for 1.5), population (co)variances, K1 = 0.01,
+    K2 = 0.03, data range 1, averaged over channels and over the valid interior only: the window is never
+    slid over the border, so a 32x32 frame is scored on its 22x22 interior. This is scikit-image's
+    ``structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    data_range=1)``. A frame smaller than the window has no interior: its SSIM is nan."""
+    radius = int(3.5 * sigma + 0.5)  # as scipy.ndimage, which scikit-image filters with
+    b, f, c, h, w = pred.shape
+    if min(h, w) < 2 * radius + 1:
+        return torch.full((f,), torch.nan, dtype=pred.dtype, device=pred.device)
+    offsets = torch.arange(-radius, radius + 1, dtype=pred.dtype, device=pred.device)
+    window = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    window = window / window.sum()
+
+    def local_mean(x: Tensor) -> Tensor:  # [n H W] -> [n H-2r W-2r], separable, no padding
+        x = F.conv2d(x[:, None], window.view(1, 1, -1, 1))
+        return F.conv2d(x, window.view(1, 1, 1, -1))[:, 0]
+
+    x, y = (rearrange(v, "b f c h w -> (b f c) h w") for v in (pred, true))
+    mx, my, mxx, myy, mxy = local_mean(torch.cat([x, y, x * x, y * y, x * y])).chunk(5)
+    vx, vy, cxy = mxx - mx * mx, myy - my * my, mxy - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ssim = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return rearrange(ssim, "(b f c) h w -> b f (c h w)", b=b, f=f).mean(dim=(0, 2))
 
 
 def sharpness_per_frame(video: Tensor) -> Tensor:

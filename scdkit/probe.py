@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from scdkit.checkpoint import read_metadata
-from scdkit.errors import UsageError
+from scdkit.errors import NotFinite, UsageError
 from scdkit.evaluate import held_out_clips
 from scdkit.figures import save_png
 from scdkit.files import write_text_atomic
@@ -181,8 +181,17 @@ class ProbeConfig(BaseModel):
 
 
 def run_probe(pipeline: Pipeline, data: str, config: ProbeConfig = ProbeConfig()) -> ProbeResult:
+    """Probe ``pipeline`` on held-out clips; a NotFinite error (before anything is written) when a figure or the
+    denoised frame is nan or inf."""
     batch = held_out_clips(pipeline, data, config.clips, config.context + 1, config.seed).context(config.context)
-    return probe_pipeline(pipeline, batch, config.steps, pipeline.generator(config.seed))
+    result = probe_pipeline(pipeline, batch, config.steps, pipeline.generator(config.seed))
+    figures = {"feature similarity": result.similarity, "attention shares": result.past_share,
+               "denoised frame": result.sample}
+    broken = [name for name, values in figures.items() if not torch.isfinite(values).all()]
+    if broken:
+        raise NotFinite(f"{pipeline.name}: the probe's {' and '.join(broken)} are not finite (nan or inf): the weights "
+                        f"are broken or {pipeline.autocast_dtype or 'the precision'} overflows; nothing was written")
+    return result
 
 
 # -- figures -----------------------------------------------------------------------------------

@@ -29,13 +29,16 @@ from torch import nn
 
 from scdkit.backends import DEFAULT as DEFAULT_ATTENTION
 from scdkit.backends import choose_attention_backend, known_backends, use_attention_backend
-from scdkit.checkpoint import checkpoint_problems, read_metadata
+from scdkit.checkpoint import (PREDICTING_ROLES, checkpoint_problems, read_metadata, scheduler_mismatch,
+                               scheduler_problems)
 from scdkit.data import DATASETS
-from scdkit.errors import CheckpointError, RegistryError, did_you_mean
+from scdkit.errors import CheckpointError, CheckpointMissing, RegistryError, did_you_mean
+from scdkit.files import read_problem
 from scdkit.interfaces import FrameSpec
 from scdkit.pipeline import ROLE_SETS, Pipeline, assemble
 from scdkit.pluginmanager import COMPONENT_KINDS, SINGULAR, Catalog, load_catalog
-from scdkit.runs import Source, checkpoint_files, load_source, manifest_encoder, pairing_problem
+from scdkit.runs import (Source, checkpoint_files, load_source, manifest_encoder, mixed_steps_problem,
+                         pairing_problem)
 
 TOP_LEVEL = ("scdkit", *COMPONENT_KINDS, "pipelines")
 
@@ -156,10 +159,15 @@ class Registry:
         folder trained with ``--encoder NAME`` brings that encoder unless ``encoder`` says otherwise.
         ``files`` (role -> checkpoint file or run folder) replaces single components' checkpoints.
         Encoder and decoder must belong together (``runs.pairing_problem``); ``force_pairing`` turns a
-        refusal into a warning in ``pipeline.warnings``. ``pipeline.sources`` says what was loaded.
+        refusal into a warning in ``pipeline.warnings``. ``pipeline.sources`` says what was loaded. The scheduler
+        must sample the prediction type and noise family the decoder (or model) checkpoint was trained with
+        (``checkpoint.scheduler_mismatch``).
         """
         entry = self.entry(pipeline)
         directory = Path(checkpoint) if checkpoint is not None else self.checkpoint_dir(pipeline)
+        problem = read_problem(directory) if load and directory is not None else None
+        if problem and problem != "not found":
+            raise CheckpointError(f"{directory}: cannot read the checkpoint folder: {problem}")
         if load and encoder is None and directory is not None and "encoder" in entry.roles and not (files or {}).get("encoder"):
             encoder = manifest_encoder(directory)
             if encoder is not None and encoder not in self.components["encoders"]:
@@ -167,6 +175,9 @@ class Registry:
                                       f"{self.path} does not declare: pass the --registry that does")
         components = self.build_components(pipeline, encoder)
         sources = self._load(pipeline, components, directory, files or {}, encoder) if load else {}
+        mixed = mixed_steps_problem(sources)
+        if mixed:  # not even with force_pairing: no one trained these weights together
+            raise CheckpointError(mixed)
         warnings = []
         if "encoder" in sources and "decoder" in sources:
             problem = pairing_problem(sources["encoder"], sources["decoder"])
@@ -175,6 +186,10 @@ class Registry:
                                       f"NAME --init DIR --freeze decoder`, or pass --force-pairing to use them anyway)")
             warnings += [f"{problem} (used anyway: --force-pairing)"] if problem else []
         scheduler = self.build_component("schedulers", entry.scheduler, entry.frame)
+        for role, source in sources.items():
+            problem = scheduler_mismatch(source.metadata, scheduler) if role in PREDICTING_ROLES else None
+            if problem:
+                raise CheckpointError(f"{self.path}: [pipelines.{pipeline}].scheduler: {source.path}: {problem}")
         result = Pipeline(pipeline, scheduler, entry.frame, assemble(components)).to(device)
         result.sources, result.warnings = sources, warnings
         result.set_precision(precision)
@@ -202,14 +217,17 @@ class Registry:
                     self.check_same_weights(trained_as, encoder, pipeline, path)
             try:
                 sources[role] = load_source(module, path, role)
-            except CheckpointError as exc:
-                recorded = read_metadata(path).get("name") if path.is_file() else None
-                if recorded and recorded != self.role_names(pipeline, encoder)[role] and role == "encoder":
-                    raise CheckpointError(f"{exc} (that file is encoder {recorded!r}: pass --encoder {recorded})") from None
-                if path.exists():
-                    raise
+            except CheckpointMissing as exc:
                 raise CheckpointError(f"{exc} (pipeline {pipeline!r}); train it with "
                                       f"`scdkit train --pipeline {pipeline}`") from None
+            except CheckpointError as exc:
+                try:
+                    recorded = read_metadata(path).get("name")
+                except CheckpointError:
+                    raise exc from None
+                if recorded and recorded != self.role_names(pipeline, encoder)[role] and role == "encoder":
+                    raise CheckpointError(f"{exc} (that file is encoder {recorded!r}: pass --encoder {recorded})") from None
+                raise
         return sources
 
     def dry_build(self, pipeline: str) -> Pipeline:
@@ -250,9 +268,10 @@ class BuildError(ValueError):
 
 def validate(registry: Registry) -> list[str]:
     """Dry-build every pipeline on the meta device and check it against its data set and its checkpoint
-    folder. Raises RegistryError with every problem (the static ones of a registry loaded with
-    ``collect`` too), each naming file, table and key; returns one note per pipeline with a checkpoint
-    folder (trained at which step, or not trained yet)."""
+    folder, the scheduler included (it must sample what the checkpoint was trained to predict). Raises
+    RegistryError with every problem (the static ones of a registry loaded with ``collect`` too), each naming
+    file, table and key; returns one note per pipeline with a checkpoint folder (trained at which step, or
+    not trained yet)."""
     problems, notes = list(registry.problems), []
     for name, entry in registry.pipelines.items():
         if name in registry.unbuildable:
@@ -275,6 +294,8 @@ def validate(registry: Registry) -> list[str]:
         if directory is not None:
             found, note = checkpoint_problems(pipeline.components, directory)
             problems += [f"{where}.checkpoint: {problem}" for problem in found]
+            problems += [f"{where}.scheduler: {problem}"
+                         for problem in scheduler_problems(pipeline.components, directory, pipeline.scheduler)]
             notes.append(f"pipeline {name}: {note}")
     if problems:
         raise RegistryError(problems)
@@ -366,6 +387,25 @@ def _with_base(raw: dict, path: Path, seen: frozenset[Path]) -> dict:
     return merged
 
 
+def _outside_plugin_dirs(path: Path) -> list[tuple[str, Path]]:
+    """The ``plugin_dirs`` in effect for the registry ``path`` that lie outside the folder of the registry file
+    that declares them (this one, or the base it extends that last set them), each with that file. Like
+    import paths, they execute code from anywhere: they need ``allow_import_paths``."""
+    seen = set()
+    while path.resolve() not in seen:
+        seen.add(path.resolve())
+        settings = _read_toml(path).get("scdkit", {})
+        settings = settings if isinstance(settings, dict) else {}
+        dirs = settings.get("plugin_dirs")
+        if isinstance(dirs, list):
+            home = path.parent.resolve()
+            return [(d, path) for d in dirs if isinstance(d, str) and not (home / d).resolve().is_relative_to(home)]
+        if not isinstance(settings.get("extends"), str):
+            return []
+        path = (path.parent / settings["extends"]).resolve()
+    return []
+
+
 def load_registry(path: str | Path, catalog: Catalog | None = None, collect: bool = False) -> Registry:
     """Parse and validate a registry file; raise RegistryError listing every problem. With ``collect``,
     return the registry with its problems in ``registry.problems`` instead (for :func:`validate`)."""
@@ -387,8 +427,13 @@ def load_registry(path: str | Path, catalog: Catalog | None = None, collect: boo
         settings = Settings()
     missing = [d for d in settings.plugin_dirs if not (path.parent / d).is_dir()]
     problems += [f"{path}: [scdkit].plugin_dirs: no folder {d!r} (relative to this file)" for d in missing]
+    outside = [] if settings.allow_import_paths else _outside_plugin_dirs(path)
+    problems += [f"{path}: [scdkit].plugin_dirs: {d!r} is outside the folder of {declared_in}, and loading it "
+                 "executes its .py files; set allow_import_paths = true in [scdkit] to opt in" for d, declared_in in outside]
     if catalog is None:
-        catalog = load_catalog([path.parent / d for d in settings.plugin_dirs if d not in missing])
+        refused = {(declared_in.parent / d).resolve() for d, declared_in in outside}
+        catalog = load_catalog([path.parent / d for d in settings.plugin_dirs
+                                if d not in missing and (path.parent / d).resolve() not in refused])
     registry = Registry(path, settings, catalog, {kind: {} for kind in COMPONENT_KINDS})
 
     for kind in COMPONENT_KINDS:

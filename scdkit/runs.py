@@ -28,7 +28,7 @@ from torch import nn
 
 from scdkit.checkpoint import checkpoint_mismatches, load_component, weights_digest
 from scdkit.errors import CheckpointError, UsageError
-from scdkit.files import write_text_atomic
+from scdkit.files import read_problem, write_text_atomic
 
 MANIFEST = "run.json"
 STATE = "train_state.safetensors"
@@ -83,7 +83,9 @@ def read_manifest(directory: Path) -> dict:
         return {}
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the run manifest: {(exc.strerror or str(exc)).lower()}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable run manifest ({exc})") from None
     if not isinstance(manifest, dict) or not all(isinstance(manifest.get(key, {}), dict)
                                                  for key in ("components", "frozen")):
@@ -144,6 +146,21 @@ def trained_weights(directory: Path) -> list[str]:
 
 # -- provenance checks --------------------------------------------------------------------------
 
+def mixed_steps_problem(sources: dict[str, Source]) -> str | None:
+    """Why these component files cannot be used together because one training run wrote them at different
+    steps (a save killed between them), or None. Two files of one folder belong to one save when each
+    records the other as trained beside it: its ``trained_with`` entry has its own step."""
+    for role, a in sources.items():
+        for other, b in sources.items():
+            beside = a.trained_with.get(other, {})
+            if other != role and a.path.parent.resolve() == b.path.parent.resolve() \
+                    and isinstance(beside, dict) and beside.get("step") == a.step and b.step != a.step:
+                return (f"{a.path} (step {a.step}) and {b.path} (step {b.step}) are from different steps of one "
+                        f"training run: a save was interrupted between them. Resuming the run (scdkit train --out "
+                        f"{a.path.parent}) rewrites them from its training state")
+    return None
+
+
 def pairing_problem(encoder: Source, decoder: Source) -> str | None:
     """Why this encoder and decoder do not belong together (see the module doc), or None."""
     if encoder.trained_with.get("decoder", {}).get("weights_sha256") == decoder.digest:
@@ -181,8 +198,7 @@ def init_components(components: dict[str, nn.Module], items: list[str]) -> InitR
         if sep and not explicit:
             raise UsageError(f"--init {item}: {role!r} is not a role of this pipeline ({', '.join(components)})")
         path = Path(rest if explicit else item)
-        if not path.exists():
-            raise UsageError(f"--init {item}: {path} does not exist")
+        check_init_readable([item])
         if path.is_dir():
             roles = [role] if explicit else list(components)
             files = {r: p for r, p in checkpoint_files(path, roles).items() if p.is_file()}
@@ -209,6 +225,23 @@ def init_components(components: dict[str, nn.Module], items: list[str]) -> InitR
     if items and not report.loaded:
         raise UsageError(f"--init {' '.join(items)}: no checkpoint there fits this pipeline: {'; '.join(report.skipped)}")
     return report
+
+
+def check_init_readable(items: list[str]) -> None:
+    """A one-line UsageError for an ``--init`` item (``PATH`` or ``ROLE=PATH``) that does not exist or cannot
+    be read: the file, or the folder and the checkpoint files and run.json in it. Cheap: run it before any work."""
+    for item in items:
+        _, sep, rest = item.partition("=")
+        path = Path(rest if sep else item)
+        problem = read_problem(path)
+        if problem:
+            raise UsageError(f"--init {item}: {path} "
+                             f"{'does not exist' if problem == 'not found' else f'cannot be read: {problem}'}")
+        inside = [*path.glob("*.safetensors"), path / MANIFEST] if path.is_dir() else []
+        for file in inside:
+            problem = read_problem(file) if file.exists() else None
+            if problem:
+                raise UsageError(f"--init {item}: {file} cannot be read: {problem}")
 
 
 def _file_role(path: Path, item: str) -> str:

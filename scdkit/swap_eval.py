@@ -28,6 +28,7 @@ reported as mean ± std over the seeds:
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -125,7 +126,10 @@ def stream_cost(pipeline: Pipeline, clip: Batch, frames: int, steps: int | None)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    """Mean and sample std; a nan (the SSIM of frames smaller than its window) gives nan, not an error."""
+    mean = statistics.fmean(values)
+    spread = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(spread)
 
 
 def swap_eval(registry: Registry, pipeline: str, encoders: list[str] | None = None,

@@ -6,6 +6,13 @@ decoder learning rate (PAPER.md), gradient clipping, EMA weights, periodic atomi
 (EMA weights per component + a resumable training state), and a held-out check against
 "repeat the last context frame".
 
+A checkpoint is never a mix of steps. Each save writes the step's log line, then the training state
+(``train_state.safetensors``: the raw and the EMA weights, the optimizer, the step, and the digest of
+each component file it is about to write), then the component files, each atomically. Resume reads the
+state alone and rewrites any component file that does not match it (a save interrupted after the state);
+``scdkit generate`` refuses component files of one run from different steps (``runs.mixed_steps_problem``).
+SIGINT (Ctrl-C) and SIGTERM finish the current step, save, and stop (exit 130).
+
 Components can start from trained checkpoints (``--init``) and stay frozen (``--freeze``): a frozen
 component gets no gradients and no optimizer state and is never written back; the run folder's
 ``run.json`` points to the checkpoint it came from (``scdkit.runs``). ``freeze_encoder_after`` is the
@@ -19,7 +26,9 @@ import copy
 import json
 import math
 import os
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,11 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from scdkit.checkpoint import atomic_save, load_component, read_checkpoint, save_component, weights_digest
+from scdkit.checkpoint import (atomic_save, load_component, read_checkpoint, read_metadata, save_component,
+                               scheduler_metadata, shape_problems, weights_digest)
 from scdkit.data import make_clips
-from scdkit.errors import CheckpointError, TrainingDiverged, UsageError
+from scdkit.errors import CheckpointError, Interrupted, TrainingDiverged, UsageError
 from scdkit.evaluate import EvalConfig, evaluate_continuation
-from scdkit.files import write_text_atomic
+from scdkit.files import stale_temporaries, write_text_atomic
 from scdkit.interfaces import Recipe
 from scdkit.pipeline import Pipeline
 from scdkit.runs import (STATE, Source, checkpoint_files, init_components, load_source, provenance, read_manifest,
@@ -92,6 +102,7 @@ class Trainer:
         self.ema = copy.deepcopy(pipeline).requires_grad_(False)  # the weights that are saved and evaluated
         self.step = 0
         self.saved_step: int | None = None  # the step of the checkpoint on disk
+        self.stop: str | None = None  # the signal that asked training to stop, e.g. "SIGTERM"
 
     @property
     def encoder_frozen_by_recipe(self) -> bool:
@@ -119,24 +130,38 @@ class Trainer:
         raise TrainingDiverged(f"training diverged: {what}; the last checkpoint in {self.out} ({saved}) is "
                                "untouched: resume from it with a lower --lr or a tighter --grad-clip")
 
-    def save(self) -> None:
+    def check_finite(self) -> None:
         broken = [role for role in self.trained
                   if not all(torch.isfinite(p).all() for p in self.pipeline.components[role].parameters())]
         if broken:  # never write non-finite weights over a good checkpoint
             self.diverged(f"the {' and '.join(broken)} weights are no longer finite at step {self.step}")
+
+    def save(self) -> None:
+        """The training state first, then the component files (see the module doc)."""
+        self.check_finite()
         identities = {role: self.identity(role) for role in self.pipeline.components}
-        for role in self.trained:
-            others = {other: identity for other, identity in identities.items() if other != role}
-            extra = provenance(self.names[role], identities[role]["weights_sha256"], others)
-            save_component(self.ema.components[role], self.out / f"{role}.safetensors", role, self.step, extra)
         tensors = {f"{role}.{k}": v for role in self.trained for k, v in self.pipeline.components[role].state_dict().items()}
+        tensors |= {f"ema.{role}.{k}": v for role in self.trained for k, v in self.ema.components[role].state_dict().items()}
         params = [p for g in self.groups for p in g["params"]]
         for i, p in enumerate(params):
             for key, value in self.optimizer.state.get(p, {}).items():
                 tensors[f"optimizer.{i}.{key}"] = value.reshape(-1) if value.dim() == 0 else value
-        meta = {"step": str(self.step), "train_config": self.config.model_dump_json()}
+        meta = {"step": str(self.step), "train_config": self.config.model_dump_json(),
+                "components": json.dumps({role: identities[role] for role in self.trained}, sort_keys=True)}
         atomic_save(tensors, self.out / STATE, meta)
+        fault_point("after-state", self.step)
+        self.write_components(identities)
         self.saved_step = self.step
+
+    def write_components(self, identities: dict[str, dict]) -> None:
+        """Each trained component's EMA weights, with their provenance (``runs.provenance``) and what the
+        scheduler trained it to predict (``checkpoint.scheduler_metadata``)."""
+        for role in self.trained:
+            others = {other: identity for other, identity in identities.items() if other != role}
+            extra = (provenance(self.names[role], identities[role]["weights_sha256"], others)
+                     | scheduler_metadata(self.pipeline.scheduler))
+            save_component(self.ema.components[role], self.out / f"{role}.safetensors", role, self.step, extra)
+            fault_point(f"after-{role}", self.step)
 
     def resume(self) -> bool:
         path = self.out / STATE
@@ -147,10 +172,15 @@ class Trainer:
         if not step.isdigit():  # also refuses "-5": a step is a count
             raise CheckpointError(f"{path}: 'step' in its metadata is {step!r}, not a step count; start over with --fresh")
         for role in self.trained:
-            prefix = f"{role}."
-            self.pipeline.components[role].load_state_dict(
-                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            load_component(self.ema.components[role], self.out / f"{role}.safetensors", role)
+            self._load_state(path, self.pipeline.components[role], tensors, f"{role}.", f"the {role}")
+            if any(k.startswith(f"ema.{role}.") for k in tensors):
+                self._load_state(path, self.ema.components[role], tensors, f"ema.{role}.", f"the {role}'s EMA")
+            else:  # a state written by an older scdkit holds no EMA weights: the component file has them
+                file = self.out / f"{role}.safetensors"
+                if read_metadata(file).get("step") != step:
+                    raise CheckpointError(f"{file} is not from step {step} of {path} (a save was interrupted, and this "
+                                          "state is too old to repair it): start over with --fresh")
+                load_component(self.ema.components[role], file, role)
         params = [p for g in self.groups for p in g["params"]]
         for i, p in enumerate(params):
             state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optimizer.{i}.")}
@@ -161,6 +191,33 @@ class Trainer:
         if self.encoder_frozen_by_recipe:
             self.pipeline.components["encoder"].requires_grad_(False)  # its saved weights are the frozen ones
         return True
+
+    @staticmethod
+    def _load_state(path: Path, module: torch.nn.Module, tensors: dict, prefix: str, what: str) -> None:
+        """Load the ``prefix`` tensors of a training state into ``module``; a one-line error naming each tensor
+        that does not fit (not torch's size-mismatch report)."""
+        problems = shape_problems({k: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)},
+                                  {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}, what)
+        if problems:
+            raise CheckpointError(f"{path} cannot be resumed: {'; '.join(problems)}")
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def repair(self) -> list[str]:
+        """Rewrite the component files when one does not hold the EMA weights of the training state just
+        resumed (a save killed between the state and them); the roles that were stale."""
+        identities = {role: self.identity(role) for role in self.pipeline.components}
+        stale = []
+        for role in self.trained:
+            try:
+                metadata = read_metadata(self.out / f"{role}.safetensors")
+            except CheckpointError:
+                metadata = {}
+            saved = (metadata.get("step"), metadata.get("weights_sha256"))
+            if saved != (str(self.step), identities[role]["weights_sha256"]):
+                stale.append(role)
+        if stale:
+            self.write_components(identities)
+        return stale
 
     # -- loop --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -198,23 +255,28 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         result = evaluate_continuation(self.ema, self.data, EvalConfig(frames=4, steps=self.config.eval_steps))
         return {"psnr": result.model.mean()["psnr"], "repeat_last_psnr": result.repeat_last.mean()["psnr"],
+                "constant_velocity_psnr": result.constant_velocity.mean()["psnr"],
                 "sharpness": result.model.mean()["sharpness"], "true_sharpness": sum(result.truth_sharpness) / 4}
 
     def run(self, log: Path | None = None) -> list[float]:
+        """Train up to ``config.steps``. A checkpoint step first checks the weights, evaluates (when due) and
+        appends its log line, then saves: a resumed run finds the line of every step it resumes from."""
         cfg, losses = self.config, []
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         started = time.perf_counter()
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        with Progress(*columns, console=self.console, transient=False) as progress, self.stop_on_signals(progress.console):
             task = progress.add_task("train", total=cfg.steps, completed=self.step, loss=float("nan"), rate="")
             first = self.step
             while self.step < cfg.steps:
                 losses.append(self.train_step())
+                fault_point("after-step", self.step)
                 rate = (time.perf_counter() - started) / (self.step - first)
                 progress.update(task, completed=self.step, loss=sum(losses[-20:]) / len(losses[-20:]), rate=f"{rate:.2f} s/step")
                 record = {"step": self.step, "loss": losses[-1], "elapsed_s": round(time.perf_counter() - started, 1)}
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.save()
+                checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                if checkpoint:
+                    self.check_finite()  # a diverged step logs nothing and saves nothing
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     record |= self.evaluate()
                     progress.console.print(
@@ -223,7 +285,51 @@ class Trainer:
                 if log is not None:
                     with open(log, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
+                fault_point("after-log", self.step)
+                if checkpoint:
+                    self.save()
+                    fault_point("after-save", self.step)
+                if self.stop is not None and self.step < cfg.steps:  # a signal: this step is saved, then stop
+                    if self.saved_step != self.step:
+                        self.save()
+                    raise Interrupted(f"{self.stop} at step {self.step}: saved a checkpoint in {self.out}; the same "
+                                      "command resumes from it")
         return losses
+
+    @contextmanager
+    def stop_on_signals(self, console: Console):
+        """While training: SIGINT (Ctrl-C) and SIGTERM stop the loop after the current step, which is saved;
+        a second signal stops at once (the last checkpoint stays whole). Outside the main thread, signals
+        are left alone."""
+        def request_stop(signum, frame):
+            if self.stop is not None:
+                raise KeyboardInterrupt
+            self.stop = signal.Signals(signum).name
+            console.print(f"{self.stop}: stopping after this step, with a checkpoint (again: stop at once)")
+
+        previous = {}
+        try:
+            for number in (signal.SIGINT, signal.SIGTERM):
+                previous[number] = signal.signal(number, request_stop)
+        except ValueError:  # not the main thread
+            pass
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+def fault_point(name: str, step: int) -> None:
+    """A hook for the fault tests (tests/test_kills.py), inert unless its environment variable names this
+    point: ``SCDKIT_TEST_STOP_AT=NAME[@STEP]`` ends the process here as ``kill -9`` would (``os._exit(137)``:
+    nothing flushed, nothing cleaned up); ``SCDKIT_TEST_TERM_AT=NAME[@STEP]`` sends it SIGTERM. The points:
+    ``after-step``, ``after-log``, ``after-state``, ``after-ROLE`` (each component file), ``after-save``."""
+    point = (name, f"{name}@{step}")
+    if os.environ.get("SCDKIT_TEST_STOP_AT") in point:
+        os._exit(137)
+    if os.environ.get("SCDKIT_TEST_TERM_AT") in point:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: str, resume: bool = True,
@@ -260,6 +366,13 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: str, resume:
                          f"({'nothing may be frozen from the start' if freeze else 'this pipeline has no encoder'})")
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)  # held until the process ends: one training run per folder
+    stale = stale_temporaries(out)  # left by a killed run: no one else writes here while we hold the lock
+    if stale:
+        size = sum(path.stat().st_size for path in stale)
+        for path in stale:
+            path.unlink(missing_ok=True)
+        console.print(f"removed {len(stale)} temporary file{'s' * (len(stale) > 1)} ({size / 2**20:.1f} MB) that an "
+                      f"interrupted run left in {out}")
     trainer = Trainer(pipeline, config, out, data, console, names=names, frozen=frozen)
     if resuming:
         try:
@@ -267,6 +380,10 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: str, resume:
         except (KeyError, RuntimeError) as exc:
             raise CheckpointError(f"{out / STATE} cannot be resumed: {exc}") from None
         console.print(f"resumed from {out} at step {trainer.step}")
+        rewritten = trainer.repair()
+        if rewritten:
+            console.print(f"rewrote {', '.join(f'{role}.safetensors' for role in rewritten)} from the training state of "
+                          f"step {trainer.step} (a save was interrupted)")
     write_manifest(out, pipeline.name, names, {role: trainer.identity(role) | {"path": source.path}
                                                for role, source in frozen.items()})
     log = out / "train_log.jsonl"

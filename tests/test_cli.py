@@ -111,6 +111,10 @@ def test_train_then_generate_round_trip(tiny_registry, capsys):
                  "--gif", str(gif), "--video", str(mp4), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["model"]["psnr"]) == 3 and len(report["repeat_last"]["ssim"]) == 3
+    assert len(report["constant_velocity"]["sharpness"]) == 3
+    assert report["psnr_first4"].keys() == {"model", "repeat_last", "constant_velocity"}
+    ratio = sum(report["model"]["sharpness"]) / sum(report["true_sharpness"])
+    assert report["sharpness_ratio"] == pytest.approx(ratio)
     assert report["timing_batch1"]["per_frame_s"] > 0
     with Image.open(gif) as image:
         assert image.n_frames == 5  # 2 context + 3 generated

@@ -21,6 +21,8 @@ def test_decoder_conformance(name):
 
 @pytest.mark.parametrize("name", CATALOG.names("schedulers"))
 def test_scheduler_conformance(name):
+    if name == "diffusers":  # registered without the optional extra, but only configurable with it
+        pytest.importorskip("diffusers")
     testing.check_scheduler(CATALOG.get("schedulers", name))
 
 
@@ -32,8 +34,8 @@ def test_model_conformance(name):
 def test_builtins_are_registered():  # the parametrized tests above would silently run for nothing otherwise
     assert {"causal-transformer", "flash-long-context", "memory-efficient"} <= set(CATALOG.names("encoders"))
     assert "causal-dit" in CATALOG.names("models")
-    assert "dit-frame" in CATALOG.names("decoders")
-    assert "flow-match-euler" in CATALOG.names("schedulers")
+    assert {"dit-frame", "unet-frame"} <= set(CATALOG.names("decoders"))
+    assert {"flow-match-euler", "ddpm", "ddim", "diffusers"} <= set(CATALOG.names("schedulers"))
     assert not CATALOG.broken
 
 
@@ -48,6 +50,30 @@ def test_dit_frame_rejects_token_count_mismatch_for_pairwise_combine():
     frame = FrameSpec(channels=1, height=8, width=8, patch_size=2)
     with pytest.raises(ValueError, match="token_concat"):
         cls(cls.config_class(width=32, heads=2, combine="add"), frame, CondSpec(dim=16, tokens=4))
+
+
+@pytest.mark.parametrize("multipliers", [(1,), (1, 2), (1, 2, 2)])
+def test_unet_frame_levels_conform(multipliers):
+    """One level (no resampling) up to as many as a patch of 4 allows, class-conditioned at the deepest."""
+    cls = CATALOG.get("decoders", "unet-frame")
+    frame = FrameSpec(channels=2, height=16, width=8, patch_size=4)
+    classes = 3 if len(multipliers) == 3 else 0
+    testing.check_decoder(cls, cls.config_class(channels=8, multipliers=multipliers, groups=4, classes=classes), frame)
+
+
+@pytest.mark.parametrize("cond, patch, match", [(CondSpec(dim=16, tokens=4), 2, "one conditioning token per patch"),
+                                                (CondSpec(dim=16, tokens=16), 2, "patch size divisible by 4")])
+def test_unet_frame_rejects_what_it_cannot_place(cond, patch, match):
+    cls = CATALOG.get("decoders", "unet-frame")
+    frame = FrameSpec(channels=1, height=8, width=8, patch_size=patch)
+    with pytest.raises(ValueError, match=match):
+        cls(cls.config_class(channels=8, multipliers=(1, 2, 2), groups=4), frame, cond)
+
+
+def test_unet_frame_config_checks_groups():
+    cls = CATALOG.get("decoders", "unet-frame")
+    with pytest.raises(ValueError, match="6 groups do not divide"):
+        cls.config_class(channels=8, multipliers=(1, 2), groups=6)
 
 
 def test_concat_fuse_starts_as_sum_of_inputs():

@@ -65,6 +65,7 @@ def test_render_never_runs_the_encoder_and_equals_the_live_encoders_conditioning
     result = render_cache(scd, cache, RenderConfig(steps=STEPS, seed=5))
     assert torch.equal(result.video, live) and result.video.shape == (2, 3, 1, 32, 32)
     assert torch.equal(result.truth, cache.clips.video[:, 1:]) and len(result.model.psnr) == 3
+    assert len(result.repeat_last.ssim) == len(result.constant_velocity.ssim) == 3
     other_seed = render_cache(scd, cache, RenderConfig(steps=STEPS, seed=6)).video
     assert not torch.equal(other_seed, live)
 
@@ -116,6 +117,7 @@ def test_encode_and_render_commands(registry, cache_file, tmp_path, capsys):
     assert main([*threads, "render", str(cache_file), *shipped, "--steps", "2", "--gif", str(gif)]) == 0
     printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines
     assert "teacher-forced render" in printed and "the encoder did not run" in printed and gif.is_file()
+    assert "velocity" in printed
 
     other = tmp_path / "other"  # another encoder with its own decoder: they pair, but the cache is not theirs
     for role, module in registry.build("scd-digits", load=False).components.items():

@@ -1,7 +1,11 @@
-"""Training faults that must not lose or mix data: divergence, torn log lines, two runs on one folder, bad seeds."""
+"""Issue 13's hostile inputs and faults, cause by cause: divergence, torn log lines, two runs on one folder, bad
+seeds, output paths, registries, checkpoint contents and permissions, memory, plugin folders, reproducibility
+(kills and signals during a save: tests/test_kills.py)."""
 
 import hashlib
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -145,3 +149,263 @@ def test_non_finite_generated_frames_are_an_error_and_nothing_is_written(tmp_pat
         run_generate(pipeline, "moving-digits", EvalConfig(clips=1, context=1, frames=1, steps=1),
                      gif=tmp_path / "g.gif")
     assert not (tmp_path / "g.gif").exists()
+
+
+# -- kills and signals: tests/test_kills.py; here what they leave behind, and who may read it --------------
+
+def _dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_temporaries_of_killed_writers_are_removed_when_training_starts(tmp_path):
+    import stat
+
+    from scdkit.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dead, alive = _dead_pid(), os.getppid()
+    stale = run / f".encoder.{dead}.tmp.safetensors"
+    kept = [run / f".decoder.{alive}.tmp.safetensors", run / ".notes.tmp", run / f"notes.{dead}.tmp.txt"]
+    for path in [stale, *kept]:
+        path.write_bytes(b"x" * 10)
+    config = TrainConfig(steps=1, batch=2, frames=3, eval_every=0, warmup=1)
+    held = _lock(run)  # another run holds the folder: nothing of it is touched
+    with pytest.raises(UsageError, match="another `scdkit train`"):
+        train(tiny_pipeline(tmp_path), config, run, "moving-digits")
+    assert stale.exists()
+    del held
+    train(tiny_pipeline(tmp_path), config, run, "moving-digits")
+    assert not stale.exists() and all(path.exists() for path in kept)  # only our pattern, only dead writers
+    umask = os.umask(0)
+    os.umask(umask)
+    written = ["encoder.safetensors", "decoder.safetensors", "train_state.safetensors", "train_log.jsonl", "run.json"]
+    assert {name: stat.S_IMODE((run / name).stat().st_mode) for name in written} == dict.fromkeys(written, 0o666 & ~umask)
+
+
+def _permissions_enforced() -> bool:
+    """False as root (or without POSIX permissions): a file of mode 000 can still be read."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        probe = os.path.join(folder, "probe")
+        with open(probe, "w") as fh:
+            fh.write("x")
+        os.chmod(probe, 0)
+        try:
+            open(probe).close()
+        except PermissionError:
+            return True
+        return False
+
+
+needs_permissions = pytest.mark.skipif(not _permissions_enforced(), reason="file permissions are not enforced here (root)")
+
+
+@needs_permissions
+@pytest.mark.parametrize("unreadable", ["folder", "file"])
+def test_unreadable_checkpoints_are_one_line_permission_errors(tmp_path, unreadable, capsys):
+    registry = tmp_path / "registry.toml"
+    registry.write_text(GOOD + 'checkpoint = "ckpt"\n')
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--registry", str(registry), "--steps", "1", "--batch", "1", "--frames", "2",
+                 "--eval-every", "0"]) == 0
+    target = ckpt if unreadable == "folder" else ckpt / "encoder.safetensors"
+    target.chmod(0)
+    commands = [["generate", "--registry", str(registry), "--checkpoint", str(ckpt), "--gif", str(tmp_path / "g.gif")],
+                ["train", "--registry", str(registry), "--init", str(ckpt), "--out", str(tmp_path / "other")],
+                ["validate", str(registry)]]
+    try:
+        for command in commands:
+            capsys.readouterr()
+            assert main(command) == 2, command
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "permission denied" in err and str(target) in err, (command, err)
+            assert "not found" not in err and "No such file" not in err
+    finally:
+        target.chmod(0o755)
+
+
+# -- checkpoint contents ----------------------------------------------------------------------------------
+
+def test_a_wrong_shape_tensor_is_one_line_naming_the_file_and_the_tensor(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    registry = tmp_path / "registry.toml"
+    registry.write_text(GOOD + 'checkpoint = "ckpt"\n')
+    train = ["train", "--registry", str(registry), "--batch", "1", "--frames", "2", "--eval-every", "0"]
+    assert main([*train, "--steps", "1"]) == 0
+    for name, key in (("train_state", "decoder.blocks.0.mlp.0.bias"), ("encoder", "blocks.0.mlp.0.bias")):
+        path = tmp_path / "ckpt" / f"{name}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(path))
+        tensors[key] = torch.zeros(tensors[key].numel() + 1)  # the right metadata, a wrong shape
+        save_file(tensors, str(path), metadata=metadata)
+    capsys.readouterr()
+    assert main([*train, "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # after the line that says where training runs
+    assert "Traceback" not in err and last.startswith("scdkit: error: ") and "train_state.safetensors cannot be resumed" in last
+    assert last.endswith("train_state.safetensors cannot be resumed: decoder.blocks.0.mlp.0.bias: checkpoint has shape "
+                         "[129], the component [128]"), err
+    assert main(["generate", "--registry", str(registry), "--gif", str(tmp_path / "g.gif")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "encoder.safetensors does not match" in err, err
+    assert "blocks.0.mlp.0.bias: checkpoint has shape [129], the component [128]" in err
+
+
+def test_plugin_version_within_a_weight_family_follows_the_major_version_rule(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from scdkit.checkpoint import component_metadata, load_component, metadata_mismatches, save_component
+    from scdkit.errors import CheckpointError
+
+    encoder = tiny_pipeline(tmp_path).components["encoder"]  # causal-transformer, weight family causal-transformer
+    assert encoder.weight_family and encoder.plugin_version == "0.1.0"
+    expected = component_metadata(encoder, "encoder", 0)
+    other_member = expected | {"plugin": "another-member"}  # same family, same architecture
+    assert metadata_mismatches(other_member | {"plugin_version": "0.7.3"}, expected) == []  # same major: loads
+    refused = metadata_mismatches(other_member | {"plugin_version": "1.0.0"}, expected)
+    assert refused == ["plugin_version: checkpoint has another-member '1.0.0', registry wants causal-transformer "
+                       "'0.1.0': members of weight family 'causal-transformer' load one another's checkpoints only "
+                       "at the same major version"]
+    # the same plugin at another version: refused, family or not (it used to load silently)
+    path = tmp_path / "e.safetensors"
+    save_component(encoder, path, "encoder")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata=metadata | {"plugin_version": "0.1.1"})
+    with pytest.raises(CheckpointError, match=r"plugin_version: checkpoint has '0.1.1', registry wants '0.1.0'"):
+        load_component(encoder, path, "encoder")
+
+
+# -- resources and reporting ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--clips", "1000000000"], ["generate", "--frames", "1000000000"],
+    ["generate", "--context", "1000000000"], ["generate", "--steps", "1000000000000"],
+    ["train", "--batch", "100000000000", "--out", "{tmp}/run"], ["train", "--frames", "100000000000", "--out", "{tmp}/run"],
+    ["probe", "--pipeline", "p", "--checkpoint", "{tmp}", "--clips", "100000000000"],
+    ["swap-eval", "--clips", "100000000000"], ["bench", "--context-frames", "100000000000"],
+])
+def test_work_that_cannot_fit_in_memory_is_refused_up_front_saying_how_much(tmp_path, command, capsys):
+    registry = tmp_path / "registry.toml"
+    registry.write_text(GOOD)
+    args = [a.format(tmp=tmp_path) for a in command] + ["--registry", str(registry)]
+    if command[0] == "probe":  # probe loads trained weights: give it some
+        from scdkit.checkpoint import save_component
+
+        for role, module in tiny_pipeline(tmp_path).components.items():
+            save_component(module, tmp_path / f"{role}.safetensors", role)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs at least" in err and "of memory, more than the" in err, err
+    assert re.search(r"at least [\d.]+ (TB|PB)|at least about 10\^\d+ bytes", err), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
+                 "allocate 400000000000 bytes."),
+    MemoryError("Unable to allocate 2.79 TiB for an array with shape (1000000000, 12, 1, 8, 8) and data type float32"),
+    getattr(torch, "OutOfMemoryError", RuntimeError)("CUDA out of memory. Tried to allocate 20.00 GiB"),
+])
+def test_an_allocator_error_is_one_line(tmp_path, monkeypatch, error, capsys):
+    import scdkit.generate
+
+    def run_generate(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(scdkit.generate, "run_generate", run_generate)
+    (tmp_path / "registry.toml").write_text(GOOD)
+    assert main(["generate", "--registry", str(tmp_path / "registry.toml"), "--gif", str(tmp_path / "g.gif")]) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # it happened during the work: after the line that says where it runs
+    assert "Traceback" not in err and last.startswith("scdkit: error: out of memory (an allocation of "), err
+    assert re.search(r"allocation of (372\.5 GB|2\.79 TiB|20\.00 GiB)\)", err), err
+
+
+def test_curve_frames_below_the_timed_steps_are_one_line(capsys):
+    assert main(["bench", "--encoders", "x", "--curve-frames", "16", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "scdkit: error: --curve-frames 4: each frame count must be at least 7 (each point ends with 2 " \
+                  "warm-up and 5 timed steps)"
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_debug_shows_the_traceback_above_the_one_line(tmp_path, how, monkeypatch, capsys):
+    missing = ["generate", "--registry", str(tmp_path / "none.toml")]
+    assert main(missing) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    if how == "environment":
+        monkeypatch.setenv("SCDKIT_DEBUG", "1")
+    assert main(["--debug", *missing] if how == "flag" else missing) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last)") and "RegistryError" in err
+    assert err.strip().splitlines()[-1] == f"scdkit: error: {tmp_path / 'none.toml'}: registry file not found"
+
+
+def test_the_same_seed_gives_bit_identical_fresh_runs(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    (tmp_path / "registry.toml").write_text(GOOD)
+    for run in ("a", "b"):
+        torch.manual_seed(int(run == "b") + 123)  # whatever the global generator held before
+        assert main(["--threads", "1", "train", "--registry", str(tmp_path / "registry.toml"), "--steps", "3",
+                     "--batch", "2", "--frames", "3", "--eval-every", "0", "--seed", "0", "--out", str(tmp_path / run)]) == 0
+    for name in ("encoder.safetensors", "decoder.safetensors", "train_state.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_non_finite_probe_figures_are_an_error(tmp_path):
+    from scdkit.errors import NotFinite
+    from scdkit.probe import ProbeConfig, run_probe
+
+    pipeline = tiny_pipeline(tmp_path)
+    assert run_probe(pipeline, "moving-digits", ProbeConfig(context=1, clips=1, steps=2)).layers == 1
+    with torch.no_grad():
+        next(pipeline.components["decoder"].parameters()).fill_(float("nan"))
+    with pytest.raises(NotFinite, match="the probe's feature similarity and attention shares and denoised frame are "
+                                        "not finite") as info:
+        run_probe(pipeline, "moving-digits", ProbeConfig(context=1, clips=1, steps=2))
+    assert info.value.exit_code == 2
+
+
+# -- plugin folders --------------------------------------------------------------------------------------
+
+MARKER_PLUGIN = "from pathlib import Path\nPath(__file__).with_suffix('.ran').touch()\n"
+
+
+@pytest.mark.parametrize("where", ["../outside", "absolute"])
+def test_plugin_dirs_outside_the_registry_folder_need_the_opt_in(tmp_path, where, capsys):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "plugin.py").write_text(MARKER_PLUGIN)
+    (tmp_path / "reg").mkdir()
+    folder = "../outside" if where == "../outside" else str(tmp_path / "outside")
+    registry = tmp_path / "reg" / "registry.toml"
+    registry.write_text(f'[scdkit]\nplugin_dirs = ["{folder}"]\n' + GOOD)
+    assert main(["validate", str(registry)]) == 2
+    err = capsys.readouterr().err
+    assert f"[scdkit].plugin_dirs: '{folder}' is outside the folder of {registry}" in err and "allow_import_paths" in err
+    assert not (tmp_path / "outside" / "plugin.ran").exists()  # refused before anything ran
+    registry.write_text(f'[scdkit]\nallow_import_paths = true\nplugin_dirs = ["{folder}"]\n' + GOOD)
+    assert main(["validate", str(registry)]) == 0
+    assert (tmp_path / "outside" / "plugin.ran").exists()
+
+
+def test_a_base_registrys_own_plugin_dirs_are_inside(tmp_path, capsys):
+    """[scdkit].extends makes the base's plugin_dirs absolute paths in the base's folder: still inside."""
+    (tmp_path / "base" / "plugins").mkdir(parents=True)
+    (tmp_path / "base" / "plugins" / "plugin.py").write_text(MARKER_PLUGIN)
+    (tmp_path / "base" / "registry.toml").write_text('[scdkit]\nplugin_dirs = ["plugins"]\n' + GOOD)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "registry.toml").write_text('[scdkit]\nextends = "../base/registry.toml"\n')
+    assert main(["validate", str(tmp_path / "mine" / "registry.toml")]) == 0
+    assert (tmp_path / "base" / "plugins" / "plugin.ran").exists()

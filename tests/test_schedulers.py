@@ -1,15 +1,21 @@
 """The scheduler contract from a plugin author's side: schedulers a researcher would write (DDIM,
 ancestral DDPM, a multistep solver) pass ``check_scheduler`` and run in a real pipeline, and the kit
-rejects schedulers that break the contract."""
+rejects schedulers that break the contract. Then the built-in ``ddpm`` and ``ddim`` (``scdkit.diffusion``);
+tests/test_diffusers_adapter.py compares them with diffusers."""
 
+import pydantic
 import pytest
 import torch
 from pydantic import PositiveFloat, PositiveInt
 
+from scdkit.diffusion import DdpmConfig, alpha_bar, split, target
 from scdkit.interfaces import ComponentConfig, NoiseScheduler, SamplingState
+from scdkit.plugins.schedulers.ddim import DDIM as BuiltinDDIM
+from scdkit.plugins.schedulers.ddim import DDIMConfig as BuiltinDDIMConfig
+from scdkit.plugins.schedulers.ddpm import DDPM
 from scdkit.plugins.schedulers.flow_match_euler import FlowMatchEuler, FlowMatchEulerConfig
 from scdkit.registry import load_registry
-from scdkit.testing import _randomise, check_scheduler
+from scdkit.testing import _randomise, check_scheduler, check_scheduler_seeded
 from tests.test_registry import GOOD
 
 
@@ -134,9 +140,9 @@ def tiny(tmp_path):
     return pipeline
 
 
-def sample(scheduler, model, x, state):
+def sample(scheduler, model, x, state, generator=None):
     for _ in range(state.steps):
-        x = scheduler.step(state, model(x, state.t), x)
+        x = scheduler.step(state, model(x, state.t), x, generator)
     return x
 
 
@@ -290,3 +296,135 @@ def test_kit_rejects_begin_zero_as_default():
 def test_kit_rejects_times_running_the_wrong_way():
     with pytest.raises(AssertionError, match="from noise to clean"):
         check_scheduler(Backwards)
+
+
+class GlobalNoise(AncestralDDPM):
+    """Broken: draws its noise from the global random state, not from the generator it is given."""
+
+    def step(self, state, prediction, x, generator=None):
+        return super().step(state, prediction, x, None)
+
+
+def test_kit_rejects_noise_from_the_global_random_state():
+    with pytest.raises(AssertionError, match="generator passed to step"):
+        check_scheduler_seeded(GlobalNoise(DDIMConfig()))
+    check_scheduler_seeded(AncestralDDPM(DDIMConfig()))
+
+
+# -- the built-in ddpm and ddim --------------------------------------------------------------------
+
+BUILTIN_CONFIGS = [(DDPM, DdpmConfig(prediction=p, betas=b)) for p in ("epsilon", "v") for b in ("linear", "cosine")] \
+    + [(BuiltinDDIM, BuiltinDDIMConfig(prediction="v", betas="cosine", eta=eta)) for eta in (0.0, 0.5, 1.0)] \
+    + [(BuiltinDDIM, BuiltinDDIMConfig(prediction="epsilon", betas="linear", train_timesteps=100, steps=100))]
+
+
+@pytest.mark.parametrize("cls, config", BUILTIN_CONFIGS, ids=lambda v: getattr(v, "plugin_name", None) or repr(v))
+def test_builtin_ddpm_family_passes_the_kit(cls, config):
+    check_scheduler(cls, config)
+
+
+def test_builtin_ddpm_family_times_are_trailing_timesteps_over_train_timesteps():
+    assert DDPM(DdpmConfig()).begin(4).times == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert DDPM(DdpmConfig()).begin(3).times == [1.0, 0.667, 0.333, 0.0]  # round(1000·2/3) = 667
+    assert BuiltinDDIM(BuiltinDDIMConfig(train_timesteps=10)).begin(10).times == [k / 10 for k in range(10, -1, -1)]
+    with pytest.raises(ValueError, match="at most train_timesteps = 10"):
+        BuiltinDDIM(BuiltinDDIMConfig(train_timesteps=10, steps=10)).begin(11)
+    with pytest.raises(pydantic.ValidationError, match="at most train_timesteps = 10"):
+        BuiltinDDIMConfig(train_timesteps=10, steps=11)
+
+
+def test_beta_schedules():
+    """linear: Ho et al.'s 1e-4..0.02 at T = 1000, scaled by 1000 / T; cosine: Nichol & Dhariwal's f(t) / f(0)."""
+    linear = alpha_bar("linear", 1000)
+    assert linear[0] == 1 and abs(linear[1] - (1 - 1e-4)) < 1e-12
+    assert abs(linear[2] - (1 - 1e-4) * (1 - 1e-4 - 0.0199 / 999)) < 1e-12
+    assert 0.3 < alpha_bar("linear", 100)[-1] / linear[-1] < 3  # T = 100 ends near the same noise
+    cosine = alpha_bar("cosine", 1000)
+    f = torch.cos((torch.arange(1001, dtype=torch.float64) / 1000 + 0.008) / 1.008 * torch.pi / 2) ** 2
+    torch.testing.assert_close(cosine[:990], (f / f[0])[:990], rtol=1e-9, atol=0)
+    betas = 1 - cosine[1:] / cosine[:-1]
+    assert betas.max() <= 0.999 + 1e-12 and cosine[-1] > 0  # capped: never all noise
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])
+def test_prediction_conversions_invert_the_training_target(prediction):
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 8, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    for abar in (0.999, 0.5, 1e-4):
+        alpha, sigma = abar**0.5, (1 - abar) ** 0.5
+        x = alpha * x0 + sigma * noise
+        trained = target(prediction, x0, noise, torch.tensor(alpha), torch.tensor(sigma))
+        got = split(prediction, trained, x, alpha, sigma)
+        torch.testing.assert_close(got[0], x0)
+        torch.testing.assert_close(got[1], noise)
+    v = target("v", x0, noise, torch.full((3,), 0.6, dtype=torch.float64), torch.full((3,), 0.8, dtype=torch.float64))
+    torch.testing.assert_close(v, 0.6 * noise - 0.8 * x0)  # Salimans & Ho
+
+
+def test_ddim_with_eta_one_is_ancestral_ddpm():
+    """DDIM's eta = 1 has the DDPM posterior's mean and variance: one generator, the same samples."""
+    x, w = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(0)), torch.randn(2, 16, 4)
+    for prediction in ("epsilon", "v"):
+        ddpm = DDPM(DdpmConfig(prediction=prediction, betas="cosine", steps=12))
+        ddim = BuiltinDDIM(BuiltinDDIMConfig(prediction=prediction, betas="cosine", steps=12, eta=1.0))
+        model = lambda x, t: 0.9 * x + 0.2 * t * w  # noqa: E731
+        a = sample(ddpm, model, x, ddpm.begin(), torch.Generator().manual_seed(1))
+        b = sample(ddim, model, x, ddim.begin(), torch.Generator().manual_seed(1))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        deterministic = BuiltinDDIM(BuiltinDDIMConfig(prediction=prediction, betas="cosine", steps=12))
+        g = torch.Generator().manual_seed(1)
+        sample(deterministic, model, x, deterministic.begin(), g)
+        assert torch.equal(g.get_state(), torch.Generator().manual_seed(1).get_state()), "eta = 0 drew noise"
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_builtin_ddpm_step_keeps_the_forward_marginal(prediction):
+    """Given the true x0 and noise, one step lands on q(x_next | x0) = N(alpha_next·x0, sigma_next²)."""
+    scheduler = DDPM(DdpmConfig(prediction=prediction, betas="cosine"))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(200_000, generator=g), torch.randn(200_000, generator=g)
+    state = scheduler.begin(5)
+    state.index = 1
+    t = torch.tensor([state.t, state.t_next])
+    (alpha, alpha_next), (sigma, sigma_next) = scheduler.alpha_sigma(t)
+    exact = scheduler.training_target(x0, noise, t[:1].expand(200_000))
+    x_next = scheduler.step(state, exact, alpha * x0 + sigma * noise, g)
+    z = (x_next - alpha_next * x0) / sigma_next
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01 and abs(torch.corrcoef(torch.stack([z, x0]))[0, 1]) < 0.01
+
+
+def test_flow_match_euler_diffusers_grid():
+    """Evenly from 1 to s(1/1000), shifted, then 0 (test_diffusers_adapter.py compares it with diffusers)."""
+    def times(steps, shift=1.0, grid="diffusers"):
+        return FlowMatchEuler(FlowMatchEulerConfig(shift=shift, grid=grid)).begin(steps).times
+
+    assert times(1) == [1.0, 0.0] and times(2) == pytest.approx([1.0, 0.001, 0.0], abs=1e-12)
+    assert times(4) == pytest.approx([1.0, 0.667, 0.334, 0.001, 0.0], abs=1e-12)
+    assert times(4, grid="uniform") == [1.0, 0.75, 0.5, 0.25, 0.0]  # the default, unchanged
+    low = 3 * 0.001 / (1 + 2 * 0.001)
+    assert times(2, shift=3.0)[1] == pytest.approx(3 * low / (1 + 2 * low))  # the low end shifted twice
+    check_scheduler(FlowMatchEuler, FlowMatchEulerConfig(grid="diffusers", shift=3.0))
+
+
+def test_noise_family_is_read_off_alpha_sigma():
+    class VarianceExploding(FlowMatchEuler):
+        def alpha_sigma(self, t):
+            return torch.ones_like(t), 80 * t
+
+    assert FlowMatchEuler(FlowMatchEulerConfig()).noise_family == "flow-matching"
+    assert DDPM(DdpmConfig(betas="cosine")).noise_family == BuiltinDDIM(BuiltinDDIMConfig()).noise_family == "ddpm"
+    assert DDIM(DDIMConfig()).noise_family == "ddpm"  # the plugin author's DDIM above, without declaring it
+    assert VarianceExploding(FlowMatchEulerConfig()).noise_family == "other"
+
+
+def test_builtin_ddpm_seeds_in_a_pipeline(tiny, monkeypatch):
+    tiny.scheduler = DDPM(DdpmConfig(prediction="v", steps=4))
+    loss = tiny.loss(torch.rand(2, 3, 1, 8, 8))
+    assert torch.isfinite(loss) and loss > 0
+    seen, predict = [], tiny.model.predict
+    monkeypatch.setattr(tiny.model, "predict", lambda state, x, t: seen.append(t) or predict(state, x, t))
+    context = torch.rand(1, 2, 1, 8, 8)
+    first, again, other = (tiny.generate(context, 2, generator=torch.Generator().manual_seed(seed)).video
+                           for seed in (1, 1, 2))
+    assert seen[:4] == [1.0, 0.75, 0.5, 0.25]  # the decoder is handed timestep / train_timesteps
+    assert torch.equal(first, again) and not torch.equal(first, other)

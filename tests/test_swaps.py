@@ -212,14 +212,17 @@ def test_freeze_encoder_after_trains_the_decoder_alone_against_the_ema_encoder(t
 
 
 def test_a_torn_save_is_caught_by_the_pairing_check(tmp_path):
-    """Encoder and decoder from different saves of one run do not pair (each records the other's digest)."""
+    """Encoder and decoder from different saves of one run do not pair (each records the other's digest); one
+    run's files from different steps are named as such, even with force_pairing (tests/test_kills.py)."""
     registry = tiny_registry(tmp_path)
     assert run(registry, "--out", str(tmp_path / "a")) == 0
     older = (tmp_path / "a" / "encoder.safetensors").read_bytes()
     assert run(registry, "--out", str(tmp_path / "a"), "--steps", "3") == 0
     (tmp_path / "a" / "encoder.safetensors").write_bytes(older)
-    with pytest.raises(CheckpointError, match="do not belong together"):
-        registry.build("p", checkpoint=tmp_path / "a")
+    for force_pairing in (False, True):
+        with pytest.raises(CheckpointError, match=r"encoder.safetensors \(step \d\) and .*decoder.safetensors "
+                                                  r"\(step 3\) are from different steps of one training run"):
+            registry.build("p", checkpoint=tmp_path / "a", force_pairing=force_pairing)
 
 
 def test_resume_takes_the_encoder_the_run_was_started_with(tmp_path, capsys):

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from scdkit.checkpoint import save_component
+from scdkit.checkpoint import read_metadata, save_component
 from scdkit.cli import main
-from scdkit.errors import RegistryError
+from scdkit.errors import CheckpointError, RegistryError
 from scdkit.registry import load_registry, validate
+from scdkit.train import TrainConfig, Trainer
 from tests.test_registry import GOOD, REPO, write
 
 CHECKPOINTED = GOOD + 'checkpoint = "ckpt"\n'
@@ -218,3 +219,65 @@ def test_validate_builds_on_the_meta_device_only(capsys, tmp_path):
     tensors = [*pipeline.parameters(), *pipeline.buffers()]
     assert {t.device.type for t in tensors} == {"meta"}
     assert sum(t.numel() for t in pipeline.components["encoder"].parameters()) > 10**10
+
+
+# -- 11. the scheduler samples what the checkpoint was trained to predict ---------------------------
+
+SCHEDULERS = """
+[schedulers.ddim-v]
+plugin = "ddim"
+prediction = "v"
+steps = 4
+
+[schedulers.ddpm-v]
+plugin = "ddpm"
+prediction = "v"
+steps = 4
+
+[schedulers.ddim-eps]
+plugin = "ddim"
+steps = 4
+"""
+
+
+def sampled_with(scheduler: str) -> str:
+    """The checkpointed registry with pipeline p sampling with ``scheduler``."""
+    return CHECKPOINTED.replace('scheduler = "flow"', f'scheduler = "{scheduler}"') + SCHEDULERS
+
+
+def test_a_scheduler_must_sample_the_prediction_and_noise_the_checkpoint_was_trained_for(capsys, tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    pipeline = load_registry(write(source, sampled_with("ddim-v"))).build("p", load=False)
+    trainer = Trainer(pipeline, TrainConfig(steps=1, batch=2, frames=3, eval_every=0), tmp_path / "ckpt",
+                      "moving-digits")
+    trainer.train_step()
+    trainer.save()
+    for role in ("encoder", "decoder"):
+        metadata = read_metadata(tmp_path / "ckpt" / f"{role}.safetensors")
+        assert (metadata["prediction_type"], metadata["noise_family"]) == ("v", "ddpm")
+
+    path = write(tmp_path, sampled_with("ddpm-v"))  # another sampler of the same predictions and noise
+    code, out, lines = run(capsys, path)
+    assert code == 0 and lines == [], lines
+    load_registry(path).build("p")
+
+    decoder = tmp_path / "ckpt" / "decoder.safetensors"
+    for scheduler, samples in [("flow", "'flow-match-euler' samples velocity on flow-matching noise"),
+                               ("ddim-eps", "'ddim' samples epsilon on ddpm noise")]:
+        path = write(tmp_path, sampled_with(scheduler))
+        [line] = assert_rejected(capsys, path, 1)
+        assert line.startswith(f"{path}: [pipelines.p].scheduler: {decoder}: trained to predict v on ddpm noise, "
+                               f"but scheduler plugin {samples}"), line
+        with pytest.raises(CheckpointError) as info:
+            load_registry(path).build("p")
+        assert str(info.value) == line
+
+
+def test_a_checkpoint_that_records_no_scheduler_predicts_flow_matching_velocity(capsys, tmp_path):
+    save_pipeline(GOOD, tmp_path / "ckpt")  # no prediction_type or noise_family in its metadata, as before 0.4
+    assert run(capsys, write(tmp_path, sampled_with("flow")))[0] == 0
+    path = write(tmp_path, sampled_with("ddim-v"))
+    [line] = assert_rejected(capsys, path, 1)
+    assert line.startswith(f"{path}: [pipelines.p].scheduler: {tmp_path / 'ckpt' / 'decoder.safetensors'}: trained to "
+                           "predict velocity on flow-matching noise, but scheduler plugin 'ddim' samples v"), line

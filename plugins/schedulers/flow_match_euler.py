@@ -3,10 +3,22 @@
     x_t = (1 - t)·x0 + t·ε,   target v = ε - x0 (velocity),   x_{t'} = x_t + (t' - t)·v
 
 Training times are logit-normal, one per frame; sampling times run from 1 to 0 and are
-optionally shifted towards the noisy end (shift > 1) as in SD3.
+optionally shifted towards the noisy end (shift > 1) as in SD3, s(t) = shift·t / (1 + (shift − 1)·t).
+
+Two sampling grids of n steps:
+
+- ``uniform`` (the default): t_i = s(1 − i/n), i = 0..n. Every step covers the same share of [0, 1]
+  before the shift; the last one runs from s(1/n) to 0.
+- ``diffusers``: diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(n)``, which
+  spaces n times evenly from 1 down to its smallest training sigma s(1/T), T = 1000, shifts them (so
+  the shift is applied twice to the low end), then appends 0: t_i = s(1 + (s(1/T) − 1)·i/(n − 1)). Its
+  last non-zero time is s(s(1/1000)) (0.001 at shift 1) instead of s(1/n), so the final step is tiny
+  and the others are wider.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import PositiveFloat, PositiveInt
@@ -21,6 +33,10 @@ class FlowMatchEulerConfig(ComponentConfig):
     shift: PositiveFloat = 1.0
     logit_mean: float = 0.0
     logit_std: PositiveFloat = 1.0
+    grid: Literal["uniform", "diffusers"] = "uniform"
+
+
+DIFFUSERS_TRAIN_TIMESTEPS = 1000  # num_train_timesteps of FlowMatchEulerDiscreteScheduler's default config
 
 
 class FlowMatchEuler(NoiseScheduler):
@@ -45,9 +61,17 @@ class FlowMatchEuler(NoiseScheduler):
 
     def begin(self, steps=None, device=None) -> SamplingState:
         steps = self.check_steps(steps, self.config.steps)
+        if self.config.grid == "uniform":
+            times = [self.shifted(1 - i / steps) for i in range(steps + 1)]
+        else:
+            low = self.shifted(1 / DIFFUSERS_TRAIN_TIMESTEPS)
+            evenly = [1 + (low - 1) * i / (steps - 1) for i in range(steps)] if steps > 1 else [1.0]
+            times = [self.shifted(t) for t in evenly] + [0.0]
+        return SamplingState(times, torch.device(device or "cpu"))
+
+    def shifted(self, t: float) -> float:
         s = self.config.shift
-        times = [(1 - i / steps) for i in range(steps + 1)]
-        return SamplingState([s * t / (1 + (s - 1) * t) for t in times], torch.device(device or "cpu"))
+        return s * t / (1 + (s - 1) * t)
 
     def step(self, state: SamplingState, prediction: Tensor, x: Tensor, generator=None) -> Tensor:
         x = x + (state.t_next - state.t) * prediction

@@ -1,6 +1,7 @@
 """CLI behaviour: exit codes, one-line errors, the train -> generate round trip on a tiny registry."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def test_train_then_generate_round_trip(tiny_registry, capsys):
     assert report["psnr_first4"].keys() == {"model", "repeat_last", "constant_velocity"}
     ratio = sum(report["model"]["sharpness"]) / sum(report["true_sharpness"])
     assert report["sharpness_ratio"] == pytest.approx(ratio)
+    pooled = -10 * math.log10(sum(report["model"]["mse"]) / 3)  # 3 frames: all within the first 4
+    assert report["pooled_psnr_first4"]["model"] == pytest.approx(pooled)
     assert report["timing_batch1"]["per_frame_s"] > 0
     with Image.open(gif) as image:
         assert image.n_frames == 5  # 2 context + 3 generated

@@ -49,8 +49,8 @@ def test_the_cache_holds_the_conditioning_the_clips_and_where_they_came_from(scd
     encoder = scd.components["encoder"]
     assert cache.info == CacheInfo(
         pipeline="scd-digits", encoder="causal-s", plugin="causal-transformer", plugin_version=encoder.plugin_version,
-        config=encoder.config.model_dump(), step=1500, weights_sha256=weights_digest(encoder), frame=scd.frame,
-        contract=encoder.contract, data="moving-digits", split="test", seed=3, clips=2, frames=4,
+        config=encoder.config.model_dump(), step=scd.sources["encoder"].step, weights_sha256=weights_digest(encoder),
+        frame=scd.frame, contract=encoder.contract, data="moving-digits", split="test", seed=3, clips=2, frames=4,
         scdkit_version=cache.info.scdkit_version)
     with safe_open(str(cache_file), framework="pt") as f:
         assert f.get_tensor("video").dtype == torch.uint8 and set(f.keys()) == {"cond", "video"}

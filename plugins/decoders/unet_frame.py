@@ -91,7 +91,6 @@ class UNetFrameDecoder(FrameDecoder):
             raise ValueError(f"{levels} levels halve the frame {levels - 1} times, which needs a patch size divisible "
                              f"by {2 ** (levels - 1)}; the patch size is {frame.patch_size}: use fewer multipliers")
         widths = [config.channels * m for m in config.multipliers]
-        self.widths = widths
         emb = widths[-1]
         self.time = TimestepEmbedding(emb)
         if config.classes:
@@ -109,8 +108,8 @@ class UNetFrameDecoder(FrameDecoder):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         # the FiLM of every block from the time embedding, in block order: down, middle, up
-        self.blocks = [*self.down, self.middle, *self.up]
-        self.film = nn.ModuleList(nn.Linear(emb, 2 * block.norm2.num_channels) for block in self.blocks)
+        blocks = [*self.down, self.middle, *self.up]
+        self.film = nn.ModuleList(nn.Linear(emb, 2 * block.norm2.num_channels) for block in blocks)
         for film in self.film:
             nn.init.zeros_(film.weight)
             nn.init.zeros_(film.bias)

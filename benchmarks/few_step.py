@@ -5,7 +5,7 @@
 For each (steps, shift, grid) of ``flow-match-euler``: quality on the main job's held-out clips (``scdkit generate``'s 16 clips, 4 context
 -> 8 frames, seed 0) and the steady batch-1 streaming latency (median over ``--runs`` timed runs, each after a
 warm-up, all settings interleaved in each round so that a noisy host affects them alike). A setting meets the
-bar when its PSNR over the first 4 frames is within ``--psnr-tolerance`` dB of the reference setting's
+bar when its PSNR over the first 4 frames is no more than ``--psnr-tolerance`` dB below the reference setting's
 (``--reference-steps`` at shift 1 on the uniform grid) and its sharpness over all frames is 0.85-1.15x the true frames'.
 Prints a markdown table; nothing is asserted: these are measurements of this machine.
 """

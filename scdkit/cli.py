@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     from scdkit.train import TrainConfig
 
     parser = _Parser(prog="scdkit", description="Separable Causal Diffusion video models.")
-    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS, else all cores)")
     parser.add_argument("--debug", action="store_true",
                         help="show an error's traceback above its one line, for bug reports (also: SCDKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -583,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
             debug = debug or args.debug
             import torch
 
-            torch.set_num_threads(args.threads or os.cpu_count() or 1)
+            if args.threads or "OMP_NUM_THREADS" not in os.environ:  # torch itself reads OMP_NUM_THREADS
+                torch.set_num_threads(args.threads or os.cpu_count() or 1)
             return args.func(args)
         except KeyboardInterrupt as exc:
             err_console.print(f"scdkit: interrupted{f': {exc}' if str(exc) else ''}", markup=False, highlight=False,

@@ -4,4 +4,4 @@ The three interfaces live in :mod:`scdkit.interfaces`, the plugin hooks in
 :mod:`scdkit.hookspecs`, and the registry that assembles pipelines in :mod:`scdkit.registry`.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -136,6 +136,29 @@ def _pipeline(args, load: bool = True, steps: int | None = None, needs=None):
     return registry, name, pipeline
 
 
+def _data(args, registry, name: str, pipeline):
+    """The data set the command reads (--data, else the pipeline's), checked against the pipeline's frame and
+    the conditioning its components accept: a one-line UsageError otherwise."""
+    from scdkit.errors import RegistryError
+
+    try:
+        data = registry.dataset(name, getattr(args, "data", None))
+    except RegistryError as exc:
+        raise UsageError(f"--data: {exc.problems[0]}") from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--data {data_name(args, registry, name)}: cannot be built for pipeline {name!r}: {exc}") from None
+    problems = [problem for _, problem in data.frame_problems()]
+    problems += [f"{role} {problem}" for role, component in pipeline.components.items()
+                 for problem in component.accepts.unmet_by(data.provides)]
+    if problems:
+        raise UsageError(f"pipeline {name!r} cannot read data set {data.name!r}: {'; '.join(problems)}")
+    return data
+
+
+def data_name(args, registry, name: str) -> str:
+    return getattr(args, "data", None) or registry.pipelines[name].data
+
+
 def cmd_train(args) -> int:
     from scdkit.interfaces import Recipe
     from scdkit.options import model_from_args
@@ -172,7 +195,7 @@ def cmd_train(args) -> int:
     names = registry.role_names(name, args.encoder)
     console.print(f"training [bold]{name}[/bold] ({', '.join(f'{r} {n}' for r, n in names.items())}; "
                   f"{sum(p.numel() for p in pipeline.parameters()):,} parameters) into {out}")
-    train(pipeline, config, out, registry.pipelines[name].data, resume=not args.fresh, console=console,
+    train(pipeline, config, out, _data(args, registry, name, pipeline), resume=not args.fresh, console=console,
           names=names, init=args.init, freeze=freeze, overwrite=args.overwrite)
     return 0
 
@@ -189,7 +212,7 @@ def cmd_generate(args) -> int:
         check_video_support(Path(args.video))
         check_writable(args.video, "--video")
     registry, name, pipeline = _pipeline(args, steps=config.steps, needs=_continuation_needs("generate", config))
-    run_generate(pipeline, registry.pipelines[name].data, config, gif=Path(args.gif),
+    run_generate(pipeline, _data(args, registry, name, pipeline), config, gif=Path(args.gif),
                  video=Path(args.video) if args.video else None, as_json=args.json, console=console)
     return 0
 
@@ -209,7 +232,7 @@ def cmd_probe(args) -> int:
     needed, what, hint = _continuation_needs("probe", config, frames=1)(pipeline)
     check_fits(needed, what, pipeline.device, hint)
     _say(where)
-    result = run_probe(pipeline, registry.pipelines[args.pipeline].data, config)
+    result = run_probe(pipeline, _data(args, registry, args.pipeline, pipeline), config)
     out = Path(args.out)
     figures = plot_probe(result, out, title=f"{args.pipeline} (step {step})")
     payload = {"pipeline": args.pipeline, "checkpoint_step": step, **result.to_json(), "figures": figures}
@@ -248,7 +271,7 @@ def cmd_swap_eval(args) -> int:
     report = swap_eval(registry, pipeline, encoders, parse_checkpoints(args.checkpoint, encoders), config,
                        progress=lambda row: _say(f"evaluated {row.encoder} ({where})"), seeds=args.seeds,
                        warn=lambda message: _say(f"warning: {message}"),
-                       force_pairing=args.force_pairing, **options)
+                       force_pairing=args.force_pairing, data_name=args.data, **options)
     if args.json:
         print(json.dumps(report.to_json()))
     elif args.markdown:
@@ -266,7 +289,7 @@ def cmd_encode(args) -> int:
     out = Path(args.out)
     check_writable(out, args.overwrite)  # before any work
     registry, name, pipeline = _pipeline(args, needs=_continuation_needs("encode", config))
-    cache = encode(pipeline, registry.pipelines[name].data, config, registry.pipelines[name].encoder)
+    cache = encode(pipeline, _data(args, registry, name, pipeline), config, registry.pipelines[name].encoder)
     write_cache(cache, out, args.overwrite)
     info = cache.info
     console.print(f"wrote {out}: the conditioning {list(cache.cond.shape)} of {info.clips} held-out {info.data} clips "
@@ -431,9 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     def registry_args(p, pipeline_help="pipeline name (default: the registry's default)", pipeline_default=None,
-                      runtime_exclude=()):
+                      runtime_exclude=(), data=True):
         p.add_argument("--registry", default="registry.toml", help="registry file")
         p.add_argument("--pipeline", default=pipeline_default, help=pipeline_help)
+        if data:
+            p.add_argument("--data", default=None, metavar="NAME",
+                           help="data set: a [datasets.NAME] table or a data set plugin (default: the pipeline's)")
         add_model_options(p.add_argument_group("runtime"), Runtime, exclude=runtime_exclude)
 
     p = sub.add_parser("train", help="train a pipeline")
@@ -508,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help="next frames from an encoder cache (the encoder does not run), scored")
     p.add_argument("cache", help="a file written by `scdkit encode`")
-    registry_args(p, "pipeline whose decoder renders (default: the one that wrote the cache)")
+    registry_args(p, "pipeline whose decoder renders (default: the one that wrote the cache)", data=False)
     add_model_options(p.add_argument_group("render"), RenderConfig)
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="checkpoint directory (default: the pipeline's)")
     p.add_argument("--gif", default=None, metavar="FILE.gif", help="also write a GIF: truth beside the render")

@@ -38,7 +38,8 @@ from scdkit.checkpoint import atomic_save, read_checkpoint, weights_digest
 from scdkit.errors import UsageError
 from scdkit.evaluate import EvalConfig, Scores, held_out_clips
 from scdkit.generate import scores_table
-from scdkit.interfaces import Batch, CondSpec, Conditioning, FrameSpec, given
+from scdkit.data import as_dataset
+from scdkit.interfaces import Batch, CondSpec, Conditioning, FrameSpec, VideoDataset, given
 from scdkit.metrics import sharpness_per_frame
 from scdkit.pipeline import Pipeline, ScdModel, patchify, to_model_range, to_pixel_range, unpatchify
 from scdkit.references import constant_velocity_next
@@ -147,11 +148,12 @@ def encode_clips(pipeline: Pipeline, clips: Batch, batch: int = 16) -> Tensor:
     return torch.cat(outputs)
 
 
-def encode(pipeline: Pipeline, data: str, config: EncodeConfig, encoder_name: str) -> EncoderCache:
+def encode(pipeline: Pipeline, data: VideoDataset | str, config: EncodeConfig, encoder_name: str) -> EncoderCache:
     """Run ``pipeline``'s encoder once over held-out clips of data set ``data``. ``encoder_name`` is the
     encoder's registry name, recorded unless its checkpoint records its own."""
     encoder = scd_model(pipeline).encoder
-    clips = held_out_clips(pipeline, data, config.clips, config.frames, config.seed)
+    data = as_dataset(data, pipeline.frame)
+    clips = held_out_clips(data, config.clips, config.frames, config.seed)
     clips = replace(clips, video=dequantize(quantize(clips.video)))  # encode exactly what the file will hold
     source = pipeline.sources.get("encoder")
     info = CacheInfo(
@@ -159,7 +161,7 @@ def encode(pipeline: Pipeline, data: str, config: EncodeConfig, encoder_name: st
         plugin=encoder.plugin_name, plugin_version=encoder.plugin_version,
         config=encoder.config.model_dump(mode="json"), step=None if source is None else source.step,
         weights_sha256=weights_digest(encoder), frame=pipeline.frame, contract=encoder.contract,
-        data=data, split=HELD_OUT_SPLIT, seed=config.seed, clips=config.clips, frames=config.frames,
+        data=data.name, split=HELD_OUT_SPLIT, seed=config.seed, clips=config.clips, frames=config.frames,
         scdkit_version=scdkit.__version__)
     return EncoderCache(info, encode_clips(pipeline, clips), clips)
 

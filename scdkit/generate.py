@@ -16,10 +16,11 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
+from scdkit.data import as_dataset
 from scdkit.errors import NotFinite, UsageError
 from scdkit.evaluate import EvalConfig, Evaluation, evaluate_continuation, held_out_clips
 from scdkit.files import atomic_path
-from scdkit.interfaces import Batch
+from scdkit.interfaces import Batch, VideoDataset
 from scdkit.pipeline import Generation, Pipeline
 
 CONTEXT_BORDER = (60, 200, 90)
@@ -87,13 +88,14 @@ def _tile(frame: Tensor, border: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-def time_streaming(pipeline: Pipeline, clip: Batch, frames: int, steps: int | None = None) -> Generation:
+def time_streaming(pipeline: Pipeline, clip: Batch, frames: int, steps: int | None = None,
+                   guidance: float | None = None) -> Generation:
     """Streaming of ``frames`` frames after ``clip`` (its video is the context), timed after one untimed
     warm-up run; ``warmup_s`` on the result is that run's time (compilation, under ``--compile``)."""
     started = time.perf_counter()
-    pipeline.generate(clip, min(frames, 2), steps=steps)  # warm-up: allocator, kernels, caches, compilation
+    pipeline.generate(clip, min(frames, 2), steps=steps, guidance=guidance)  # warm-up: allocator, kernels, compilation
     warmup_s = time.perf_counter() - started
-    timed = pipeline.generate(clip, frames, steps=steps, generator=pipeline.generator(0))
+    timed = pipeline.generate(clip, frames, steps=steps, generator=pipeline.generator(0), guidance=guidance)
     timed.warmup_s = warmup_s
     return timed
 
@@ -118,6 +120,10 @@ def summary(result: Evaluation, timing: Generation, steps: int) -> dict:
         "pooled_psnr_first4": {who: -10 * math.log10(max(getattr(result, who).mean(first4)["mse"], 1e-10))
                                for who in ("model", *REFERENCES)},
         "ssim_first4": {who: getattr(result, who).mean(first4)["ssim"] for who in ("model", *REFERENCES)},
+        # pixels between true object centres and those found in the frames, when the data has true states
+        **({"state_error_first4": {who: getattr(result, who).mean(first4)["state_error"] for who in ("model", *REFERENCES)}}
+           if result.model.state_error is not None else {}),
+        "guidance": result.guidance,
         # PSNR rewards blur: the generated frames' mean spatial gradient over the true frames', all frames
         "sharpness_ratio": result.model.mean()["sharpness"] / (sum(result.truth_sharpness) / len(result.truth_sharpness)),
         "timing_batch1": {"first_frame_s": timing.first_frame_s, "per_frame_s": timing.per_frame_s,
@@ -161,27 +167,32 @@ def print_report(report: dict, console: Console) -> None:
     console.print("SSIM over the same frames: " + ", ".join(f"{names[who]} {value:.3f}" for who, value in ssim.items())
                   + f"; sharpness of all {report['generated_frames']} generated frames: "
                   f"{report['sharpness_ratio']:.2f}x the true frames' (blur reads below 1)")
+    if "state_error_first4" in report:
+        console.print("state error (pixels from each true object centre to the nearest blob found) over the first "
+                      f"{first} frames: " + ", ".join(f"{names[who]} {value:.2f}"
+                                                     for who, value in report["state_error_first4"].items()))
     t = report["timing_batch1"]
     console.print(f"streaming, batch 1: time to first frame {t['first_frame_s'] * 1000:.1f} ms (prefill included), "
                   f"steady {t['per_frame_s'] * 1000:.1f} ms/frame, {t['fps']:.1f} frames/s; warm-up run "
                   f"{t['warmup_s']:.1f} s (compilation included, if any)")
 
 
-def run_generate(pipeline: Pipeline, data: str, config: EvalConfig = EvalConfig(), gif: Path = Path("out/generate.gif"),
+def run_generate(pipeline: Pipeline, data: VideoDataset | str, config: EvalConfig = EvalConfig(), gif: Path = Path("out/generate.gif"),
                  video: Path | None = None, as_json: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
+    data = as_dataset(data, pipeline.frame)
     clips, context, frames = config.clips, config.context, config.frames
     steps = config.steps or pipeline.scheduler.steps
     status = Console(stderr=True)  # progress on stderr: --json output stays clean
-    status.print(f"{pipeline.name}: continuing {clips} held-out {data} clip{'s' * (clips > 1)} "
+    status.print(f"{pipeline.name}: continuing {clips} held-out {data.name} clip{'s' * (clips > 1)} "
                  f"({context} context -> {frames} frames, {steps} steps), then timing batch-1 streaming ...",
                  highlight=False)
     result = evaluate_continuation(pipeline, data, config.model_copy(update={"steps": steps}))
     if not torch.isfinite(result.generation.video).all():  # scores of nan would read as numbers; nothing is written
         raise NotFinite(f"{pipeline.name}: the generated frames are not finite (nan or inf): the weights are broken "
                           f"or {pipeline.autocast_dtype or 'the precision'} overflows; nothing was written")
-    timing = time_streaming(pipeline, held_out_clips(pipeline, data, 1, context + frames, seed=99).context(context),
-                            frames, steps)
+    timing = time_streaming(pipeline, held_out_clips(data, 1, context + frames, seed=99).context(context),
+                            frames, steps, config.guidance)
     frames = comparison_frames(result.context, result.truth, result.generation.video.float().cpu())
     write_gif(gif, frames)
     report = summary(result, timing, steps) | {"gif": str(gif)}

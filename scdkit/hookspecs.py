@@ -49,3 +49,9 @@ def scdkit_register_models(register):
     """Register monolithic streaming video models (e.g. the causal-DiT baseline):
     ``register(cls)`` for each ``scdkit.interfaces.VideoModel`` subclass. Since 0.1.0.
     """
+
+
+@hookspec
+def scdkit_register_datasets(register):
+    """Register data sets: ``register(cls)`` for each ``scdkit.interfaces.VideoDataset`` subclass, configured in
+    ``[datasets.NAME]`` registry tables and named by a pipeline's ``data`` key. Since 0.4.0."""

@@ -82,7 +82,9 @@ class FrameSpec(BaseModel):
 
 class ConditioningSpec(BaseModel):
     """Which conditioning a component accepts, or a data set provides: ``classes`` class labels
-    (0 = none) and actions of width ``actions`` per frame (0 = none)."""
+    (0 = none) and actions of width ``actions`` per frame (0 = none). A component that accepts ``classes``
+    labels also accepts the label ``classes`` itself, the *null label* ("no label") of classifier-free
+    guidance (:attr:`null_label`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     classes: NonNegativeInt = 0
@@ -91,6 +93,10 @@ class ConditioningSpec(BaseModel):
     @property
     def any(self) -> bool:
         return bool(self.classes or self.actions)
+
+    @property
+    def null_label(self) -> int:
+        return self.classes
 
     def unmet_by(self, provided: ConditioningSpec) -> list[str]:
         """What a component accepting ``self`` would miss from data providing ``provided``."""
@@ -124,6 +130,12 @@ class Conditioning:
         actions = None if self.actions is None else self.actions.flatten(0, 1)
         return Conditioning(labels, actions)
 
+    def without_labels(self, drop: Tensor, null_label: int) -> Conditioning:
+        """The labels of the clips where ``drop`` [b] (bool) is set replaced by ``null_label``."""
+        if self.labels is None:
+            return self
+        return replace(self, labels=torch.where(drop, torch.full_like(self.labels, null_label), self.labels))
+
     def repeat(self, times: int) -> Conditioning:
         """The batch stacked ``times`` times along its first axis."""
         return Conditioning(*(None if x is None else x.repeat(times, *[1] * (x.dim() - 1))
@@ -132,27 +144,34 @@ class Conditioning:
 
 @dataclass(frozen=True)
 class Batch:
-    """Clips and their optional conditioning: video [b f c H W] in [0, 1], labels [b], actions [b f a]."""
+    """Clips and their optional conditioning: video [b f c H W] in [0, 1], labels [b], actions [b f a];
+    and, for evaluation only (never given to a model), the true ``states`` [b f k 3]: the centre (y, x) in
+    pixels and the radius of each of k objects per frame, NaN rows for objects absent from a clip."""
 
     video: Tensor
     labels: Tensor | None = None
     actions: Tensor | None = None
+    states: Tensor | None = None
 
     @property
     def conditioning(self) -> Conditioning:
         return Conditioning(self.labels, self.actions)
 
+    def _map(self, video, labels, actions, states) -> Batch:
+        """A batch of each field passed through its function (``None`` fields stay ``None``)."""
+        return Batch(*(None if x is None else fn(x) for fn, x in
+                       zip((video, labels, actions, states), (self.video, self.labels, self.actions, self.states))))
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        """On ``device``; the video and actions in ``dtype`` (labels stay integers)."""
-        def move(x: Tensor | None, floating: bool) -> Tensor | None:
-            if x is None:
-                return None
-            return x.to(device, dtype if floating and dtype is not None else x.dtype, non_blocking=True)
-        return Batch(move(self.video, True), move(self.labels, False), move(self.actions, True))
+        """On ``device``; the video and actions in ``dtype`` (labels stay integers, states on the CPU)."""
+        def floating(x: Tensor) -> Tensor:
+            return x.to(device, dtype or x.dtype, non_blocking=True)
+        return self._map(floating, lambda x: x.to(device, non_blocking=True), floating, lambda x: x)
 
     def frames(self, start: int, stop: int | None = None) -> Batch:
-        actions = None if self.actions is None else self.actions[:, start:stop]
-        return Batch(self.video[:, start:stop], self.labels, actions)
+        def sliced(x: Tensor) -> Tensor:
+            return x[:, start:stop]
+        return self._map(sliced, lambda x: x, sliced, sliced)
 
     def context(self, frames: int) -> Batch:
         """The first ``frames`` frames as generation context, with the labels and *every* frame's
@@ -160,7 +179,9 @@ class Batch:
         return Batch(self.video[:, :frames], self.labels, self.actions)
 
     def clips(self, start: int, stop: int | None = None) -> Batch:
-        return Batch(*(None if x is None else x[start:stop] for x in (self.video, self.labels, self.actions)))
+        def sliced(x: Tensor) -> Tensor:
+            return x[start:stop]
+        return self._map(sliced, sliced, sliced, sliced)
 
 
 def as_batch(data: Batch | Tensor) -> Batch:
@@ -318,6 +339,53 @@ class VideoModel(nn.Module, Component, ABC):
         on the time alone. Nothing by default."""
 
 
+# -- data sets ------------------------------------------------------------------------------------
+
+Split = Literal["train", "test"]
+
+
+class VideoDataset(Component, ABC):
+    """A source of clips for one frame geometry: seeded, so a (split, seed) pair always gives the same clips,
+    and with disjoint ``train`` and ``test`` splits (held-out clips are never trained on).
+
+    Construction is cheap (``scdkit validate`` builds every pipeline's data set); decoding, caching and the like
+    happen on first use. A data set declares what it ``provides`` beside the video (class labels, actions; a
+    component's ``accepts`` must be met by it) and whether its batches carry true ``states`` (evaluation only).
+    """
+
+    #: whether batches carry ``Batch.states`` (object centres and radii), for the state error
+    has_states: ClassVar[bool] = False
+
+    def __init__(self, config: ComponentConfig, frame: FrameSpec):
+        self.config = config
+        self.frame = frame
+        self.name = self.plugin_name  # the registry table it was built from, once built by a registry
+
+    @property
+    def provides(self) -> ConditioningSpec:
+        """The conditioning every batch carries (none by default)."""
+        return ConditioningSpec()
+
+    def frame_problems(self) -> list[tuple[str, str]]:
+        """(pipeline key, problem) for each way the frame does not fit this data (none by default)."""
+        return []
+
+    @abstractmethod
+    def clips(self, count: int, frames: int, split: Split = "train", seed: int = 0) -> Batch:
+        """``count`` clips of ``frames`` frames [count frames c H W] in [0, 1], float32 on the CPU, with what
+        the data set provides; the same for the same arguments."""
+
+    def batch(self, count: int, frames: int, split: Split = "train", seed: int = 0,
+              shard: tuple[int, int] = (0, 1)) -> Batch:
+        """Shard ``rank`` of ``world`` (``shard``) of the batch ``clips(count, ...)``: clips
+        [rank·count/world, (rank+1)·count/world). Data sets that can make a part alone override it."""
+        rank, world = shard
+        if count % world:
+            raise ValueError(f"a batch of {count} clips does not split into {world} equal shards")
+        part = count // world
+        return self.clips(count, frames, split, seed).clips(rank * part, (rank + 1) * part)
+
+
 # -- schedulers -----------------------------------------------------------------------------------
 
 #: What a model predicts: ``epsilon`` the noise, ``sample`` the clean x0, ``velocity`` dx_t/dt along the
@@ -456,6 +524,8 @@ class Recipe(BaseModel):
     cond_noise: float = Field(0.05, ge=0, description="std of Gaussian noise on the encoder output")
     clean_context_ratio: float = Field(0.1, ge=0, le=1, description="share of clips whose encoder input is clean")
     context_noise: float = Field(0.05, ge=0, le=1, description="max noise time of the encoder input otherwise")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="share of clips whose class label is replaced by the "
+                                 "null label, so that the decoder also learns the unconditional branch of guidance")
 
 
 class StreamingModel(nn.Module, ABC):
@@ -485,8 +555,10 @@ class StreamingModel(nn.Module, ABC):
         """Training loss on clean patches [b f n p]; every frame but the first is a target."""
 
     @abstractmethod
-    def new_state(self, batch: int, max_frames: int, conditioning: Conditioning) -> EncoderState:
-        """Empty stream state; ``conditioning`` holds the clip-level labels for the whole stream."""
+    def new_state(self, batch: int, max_frames: int, conditioning: Conditioning,
+                  guidance: float | None = None) -> EncoderState:
+        """Empty stream state; ``conditioning`` holds the clip-level labels for the whole stream. ``guidance``:
+        the classifier-free guidance scale of ``predict`` (None or 1: none), or a UsageError if unsupported."""
 
     def prepare(self, state: EncoderState, times: list[float]) -> None:
         """The decoder times of this generation's steps, before the first one. Nothing by default."""

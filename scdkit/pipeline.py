@@ -53,6 +53,11 @@ def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+#: The unconditional branch of classifier-free guidance sees the encoder features with this much Gaussian noise
+#: (and the null label): the official code's "decoder" guidance (PAPER.md), the same noise as training's cond_noise.
+GUIDANCE_FEATURE_NOISE = 0.05
+
+
 def time_batch(t: float | Tensor, like: Tensor) -> Tensor:
     """Times [b] for a batch like ``like`` [b ...]: one float broadcast, or per-item times as they are."""
     if isinstance(t, Tensor):
@@ -78,6 +83,10 @@ class ScdModel(StreamingModel):
              generator: torch.Generator | None = None) -> Tensor:
         b, f = x0.shape[:2]
         context = x0
+        classes = self.decoder.accepts.classes
+        if recipe.label_dropout > 0 and classes and conditioning.labels is not None:  # teaches the null label
+            drop = torch.rand(b, generator=generator, device=x0.device) < recipe.label_dropout
+            conditioning = conditioning.without_labels(drop, self.decoder.accepts.null_label)
         if recipe.context_noise > 0:  # mild noise on the encoder input for robustness to its own samples
             noisy_clip = torch.rand(b, generator=generator, device=x0.device) >= recipe.clean_context_ratio
             level = torch.rand(b, f, generator=generator, device=x0.device) * recipe.context_noise * noisy_clip[:, None]
@@ -95,12 +104,19 @@ class ScdModel(StreamingModel):
         prediction = self.decoder(scheduler.add_noise(targets, noise, t), t, cond, **given(self.decoder, per_frame))
         return scheduler.training_loss(prediction, targets, noise, t).mean()
 
-    def new_state(self, batch: int, max_frames: int, conditioning: Conditioning) -> EncoderState:
+    def new_state(self, batch: int, max_frames: int, conditioning: Conditioning,
+                  guidance: float | None = None) -> EncoderState:
         state = self.encoder.new_state(batch, max_frames)
         state.cond = None  # the last frame's conditioning, projected by the decoder when it is staged
-        state.labels = conditioning.labels
+        # With guidance the decoder sees every stream twice, stacked along the batch: conditioned, then
+        # unconditioned (noisy features, null label); ``predict`` mixes the two.
+        state.guidance = None if guidance is None or guidance == 1.0 else guidance
+        labels = conditioning.labels
+        if state.guidance is not None and labels is not None and self.decoder.accepts.classes:
+            labels = torch.cat([labels, torch.full_like(labels, self.decoder.accepts.null_label)])
+        state.labels = labels
         # the decoder's keyword arguments, worked out once per frame rather than at every step
-        state.decoder_extra = given(self.decoder, Conditioning(labels=conditioning.labels))
+        state.decoder_extra = given(self.decoder, Conditioning(labels=labels))
         state.table = None  # the decoder's time terms for this generation's times
         return state
 
@@ -116,10 +132,18 @@ class ScdModel(StreamingModel):
 
     def observe(self, state: EncoderState, patches: Tensor, conditioning: Conditioning) -> None:
         cond, _ = self.encoder.step(state, patches, **given(self.encoder, conditioning))
-        state.cond = self.decoder.condition(cond[:, -1]) if self.staged else cond[:, -1]
+        cond = cond[:, -1]
         last = conditioning.frames(patches.shape[1] - 1)  # what was done at the newest frame shapes the next
-        state.decoder_extra = given(self.decoder, Conditioning(
-            conditioning.labels, None if last.actions is None else last.actions[:, 0]))
+        action = None if last.actions is None else last.actions[:, 0]
+        if state.guidance is not None:
+            # seeded by the frame count: guided generation stays reproducible without a generator here
+            noise = torch.Generator(device=cond.device).manual_seed(state.frames)
+            unconditioned = cond + GUIDANCE_FEATURE_NOISE * torch.randn(cond.shape, generator=noise, device=cond.device,
+                                                                        dtype=cond.dtype)
+            cond = torch.cat([cond, unconditioned])
+            action = None if action is None else action.repeat(2, 1)
+        state.cond = self.decoder.condition(cond) if self.staged else cond
+        state.decoder_extra = given(self.decoder, Conditioning(state.labels, action))
 
     def decoding_state(self, cond: Tensor, conditioning: Conditioning) -> EncoderState:
         """A state whose next frame is decoded from ``cond`` [b n_c d_c], e.g. read from an encoder-output cache,
@@ -127,7 +151,7 @@ class ScdModel(StreamingModel):
         ``conditioning``: labels [b] and the action of the frame ``cond`` encodes [b a] (what ``observe`` would
         hand the decoder). Call ``prepare`` on it before sampling, as for any state."""
         state = EncoderState()
-        state.labels, state.table = conditioning.labels, None
+        state.labels, state.table, state.guidance = conditioning.labels, None, None
         state.cond = self.decoder.condition(cond) if self.staged else cond
         state.decoder_extra = given(self.decoder, conditioning)
         return state
@@ -140,6 +164,15 @@ class ScdModel(StreamingModel):
         self.encoder.step = torch.compile(self.encoder.step, **options)
 
     def predict(self, state: EncoderState, x_t: Tensor, t: float | Tensor) -> Tensor:
+        guidance = getattr(state, "guidance", None)
+        if guidance is None:
+            return self._decode(state, x_t, t)
+        if isinstance(t, Tensor):
+            t = t.repeat(2)
+        conditioned, unconditioned = self._decode(state, torch.cat([x_t, x_t]), t).chunk(2)
+        return unconditioned + guidance * (conditioned - unconditioned)
+
+    def _decode(self, state: EncoderState, x_t: Tensor, t: float | Tensor) -> Tensor:
         extra = state.decoder_extra
         if not self.staged:
             return self.decoder(x_t, time_batch(t, x_t), state.cond, **extra)
@@ -169,7 +202,11 @@ class MonolithicModel(StreamingModel):
         prediction = self.model(x0, scheduler.add_noise(x0, noise, t), t, **given(self.model, conditioning))
         return scheduler.training_loss(prediction, x0, noise, t)[:, 1:].mean()
 
-    def new_state(self, batch: int, max_frames: int, conditioning: Conditioning) -> EncoderState:
+    def new_state(self, batch: int, max_frames: int, conditioning: Conditioning,
+                  guidance: float | None = None) -> EncoderState:
+        if guidance is not None and guidance != 1.0:
+            raise UsageError(f"guidance is for SCD pipelines (the unconditional branch sees noisy encoder features); "
+                             f"{self.model.plugin_name} is monolithic")
         state = self.model.new_state(batch, max_frames)
         state.model_extra = given(self.model, Conditioning(labels=conditioning.labels))  # once, not per step
         return state
@@ -280,28 +317,33 @@ class Pipeline(nn.Module):
 
     @torch.no_grad()
     def generate(self, context: Batch | Tensor, frames: int, steps: int | None = None,
-                 generator: torch.Generator | None = None) -> Generation:
+                 generator: torch.Generator | None = None, guidance: float | None = None) -> Generation:
         """Stream ``frames`` new frames after ``context`` [b k c H W] (pixels in [0, 1]).
 
         Prefill the context once, then per frame: the scheduler's steps from noise, and the new
         clean frame enters the context (one encoder step for SCD). An action-conditioned pipeline
         needs the context's actions for the k + frames - 1 frames that enter the context.
         To continue one context several times, see :meth:`prefill` and :meth:`continue_from`.
+        ``guidance`` S (SCD pipelines) is classifier-free guidance as the official code does it: each step
+        predicts ``u + S·(c − u)``, ``c`` the prediction and ``u`` that from the encoder features with
+        :data:`GUIDANCE_FEATURE_NOISE` noise and the null label; None or 1 is no guidance.
         """
-        prefilled = self.prefill(context, frames, steps)
+        prefilled = self.prefill(context, frames, steps, guidance)
         return self._stream(prefilled.state, prefilled, frames, steps, generator, prefilled.started)
 
     @torch.no_grad()
-    def prefill(self, context: Batch | Tensor, frames: int, steps: int | None = None) -> Prefill:
+    def prefill(self, context: Batch | Tensor, frames: int, steps: int | None = None,
+                guidance: float | None = None) -> Prefill:
         """Run ``context`` [b k c H W] (pixels in [0, 1]) into the model once, with room for continuations of up
-        to ``frames`` frames sampled with ``steps`` steps by default (see :meth:`continue_from`)."""
+        to ``frames`` frames sampled with ``steps`` steps by default (see :meth:`continue_from`), with
+        ``guidance`` (see :meth:`generate`)."""
         batch = as_batch(context).to(self.device, self.dtype)
         b, k = batch.video.shape[:2]
         self.check_conditioning(batch, k + frames - 1)
         self.train(False)
         times = self.sampling_times(steps)  # checks ``steps`` before any work; prepare() tabulates them
         with self.autocast():
-            state = self.model.new_state(b, k + frames, batch.conditioning)
+            state = self.model.new_state(b, k + frames, batch.conditioning, guidance)
             started = time.perf_counter()
             self.model.prepare(state, times[:-1])
             self.model.observe(state, patchify(to_model_range(batch.video), self.frame), batch.conditioning.frames(0, k))

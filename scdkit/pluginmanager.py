@@ -44,6 +44,7 @@ KIND_TABLE = (
     Kind("decoders", "decoder", "scdkit.plugins.decoders"),
     Kind("schedulers", "scheduler", "scdkit.plugins.schedulers"),
     Kind("models", "model", "scdkit.plugins.models"),
+    Kind("datasets", "data set", "scdkit.plugins.datasets"),
     Kind("attention_backends", "attention backend", "scdkit.nn.attention", configured=False),
 )
 KINDS = tuple(kind.name for kind in KIND_TABLE)

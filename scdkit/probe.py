@@ -33,7 +33,8 @@ from scdkit.errors import NotFinite, UsageError
 from scdkit.evaluate import held_out_clips
 from scdkit.figures import save_png
 from scdkit.files import write_text_atomic
-from scdkit.interfaces import Batch
+from scdkit.data import as_dataset
+from scdkit.interfaces import Batch, VideoDataset
 from scdkit.nn.attention import attention_weights
 from scdkit.nn.dit import DiTBlock
 from scdkit.pipeline import Pipeline, patchify, to_model_range
@@ -180,10 +181,10 @@ class ProbeConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the held-out clips and the noise")
 
 
-def run_probe(pipeline: Pipeline, data: str, config: ProbeConfig = ProbeConfig()) -> ProbeResult:
+def run_probe(pipeline: Pipeline, data: VideoDataset | str, config: ProbeConfig = ProbeConfig()) -> ProbeResult:
     """Probe ``pipeline`` on held-out clips; a NotFinite error (before anything is written) when a figure or the
     denoised frame is nan or inf."""
-    batch = held_out_clips(pipeline, data, config.clips, config.context + 1, config.seed).context(config.context)
+    batch = held_out_clips(as_dataset(data, pipeline.frame), config.clips, config.context + 1, config.seed).context(config.context)
     result = probe_pipeline(pipeline, batch, config.steps, pipeline.generator(config.seed))
     figures = {"feature similarity": result.similarity, "attention shares": result.past_share,
                "denoised frame": result.sample}

@@ -8,8 +8,9 @@
     attention = "sdpa"            # attention backend; $SCDKIT_ATTENTION and --attention override it
 
     [encoders.NAME]  plugin = "<registered name>", then the plugin's config keys
-    [decoders.NAME]  ...          [schedulers.NAME] ...      [models.NAME] ...
+    [decoders.NAME]  ...          [schedulers.NAME] ...      [models.NAME] ...      [datasets.NAME] ...
     [pipelines.NAME] encoder/decoder (or model), scheduler, frame geometry, checkpoint, data
+                     (data: a [datasets.NAME] table, or a data set plugin with its default options)
 
 Validation collects every problem, each as one line naming the file, the TOML path and what
 was expected, with close-match suggestions.
@@ -31,10 +32,9 @@ from scdkit.backends import DEFAULT as DEFAULT_ATTENTION
 from scdkit.backends import choose_attention_backend, known_backends, use_attention_backend
 from scdkit.checkpoint import (PREDICTING_ROLES, checkpoint_problems, read_metadata, scheduler_mismatch,
                                scheduler_problems)
-from scdkit.data import DATASETS
 from scdkit.errors import CheckpointError, CheckpointMissing, RegistryError, did_you_mean
 from scdkit.files import read_problem
-from scdkit.interfaces import FrameSpec
+from scdkit.interfaces import FrameSpec, VideoDataset
 from scdkit.pipeline import ROLE_SETS, Pipeline, assemble
 from scdkit.pluginmanager import COMPONENT_KINDS, SINGULAR, Catalog, load_catalog
 from scdkit.runs import (Source, checkpoint_files, load_source, manifest_encoder, mixed_steps_problem,
@@ -118,6 +118,27 @@ class Registry:
         if kind == "schedulers":
             return entry.cls(config)
         return entry.cls(config, frame, **extra)
+
+    def dataset(self, pipeline: str, name: str | None = None) -> VideoDataset:
+        """The pipeline's data set (``name``: another one, e.g. from --data) for its frame: a [datasets.NAME]
+        table, else a data set plugin of that name with its default options."""
+        entry = self.entry(pipeline)
+        name = name or entry.data
+        problem = self.data_problem(name)
+        if problem:
+            raise RegistryError([f"{self.path}: {problem}"])
+        if name in self.components["datasets"]:
+            return self.build_component("datasets", name, entry.frame)
+        return self.catalog.get("datasets", name)(self.catalog.get("datasets", name).config_class(), entry.frame)
+
+    def data_problem(self, name: str) -> str | None:
+        """Why ``name`` names no data set here, or None."""
+        tables, plugins = self.components["datasets"], self.catalog.components["datasets"]
+        if name in tables or name in plugins:
+            return None
+        known = sorted({*tables, *plugins})
+        return (f"unknown data set {name!r}{did_you_mean(name, known)} (known: {', '.join(known)}; "
+                "a [datasets.NAME] table or a data set plugin)")
 
     def role_names(self, pipeline: str, encoder: str | None = None) -> dict[str, str]:
         """Each role's registry name in ``pipeline``, with ``encoder`` (any registry encoder) in the encoder role."""
@@ -285,8 +306,12 @@ def validate(registry: Registry) -> list[str]:
         except (ValueError, TypeError) as exc:
             problems.append(f"{where}: cannot be built: {exc}")
             continue
-        data = DATASETS[entry.data]
-        problems += [f"{where}.{key}: {problem}" for key, problem in data.frame_problems(entry.frame)]
+        try:
+            data = registry.dataset(name)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{where}.data: data set {entry.data!r} cannot be built for this pipeline: {exc}")
+            continue
+        problems += [f"{where}.{key}: {problem}" for key, problem in data.frame_problems()]
         for role, component in pipeline.components.items():
             problems += [f"{where}.data: {role} {entry.roles[role]!r} {problem}"
                          for problem in component.accepts.unmet_by(data.provides)]
@@ -482,9 +507,10 @@ def load_registry(path: str | Path, catalog: Catalog | None = None, collect: boo
                     problems.append(f"{where}.{key}: {key} {ref!r} is declared but invalid (see above)")
                 else:
                     problems.append(f"{where}.{key}: no [{kind}.{ref}] in this registry{did_you_mean(ref, declared)}")
-        if entry.data not in DATASETS:
-            problems.append(f"{where}.data: unknown data set {entry.data!r}{did_you_mean(entry.data, DATASETS)} "
-                            f"(known: {', '.join(DATASETS)})")
+        if registry.data_problem(entry.data):
+            declared = raw.get("datasets", {})
+            problems.append(f"{where}.data: data set {entry.data!r} is declared but invalid (see above)"
+                            if entry.data in declared else f"{where}.data: {registry.data_problem(entry.data)}")
         registry.pipelines[name] = entry
         if len(problems) > before:
             registry.unbuildable.add(name)

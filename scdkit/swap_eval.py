@@ -135,10 +135,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def swap_eval(registry: Registry, pipeline: str, encoders: list[str] | None = None,
               checkpoints: dict[str, Path] | None = None, config: EvalConfig = EvalConfig(),
               progress: Callable[[SwapRow], None] | None = None, seeds: list[int] = (0, 1, 2),
-              warn: Callable[[str], None] = lambda message: None, **build_options) -> SwapReport:
+              warn: Callable[[str], None] = lambda message: None, data_name: str | None = None,
+              **build_options) -> SwapReport:
     """Evaluate every encoder in ``encoders`` (default: ``default_encoders``) under ``pipeline``'s trained
     decoder on the held-out clips of each seed in ``seeds`` (see the module doc). ``build_options``
-    (attention, device, precision, force_pairing) go to ``Registry.build``; ``config.seed`` is unused.
+    (attention, device, precision, force_pairing) go to ``Registry.build``; ``config.seed`` is unused; ``data_name``
+    replaces the pipeline's data set.
     ``warn`` hears each forced pairing before the evaluation starts."""
     checkpoints = checkpoints or {}
     if pipeline not in registry.pipelines:
@@ -147,6 +149,7 @@ def swap_eval(registry: Registry, pipeline: str, encoders: list[str] | None = No
     if "encoder" not in entry.roles or registry.checkpoint_dir(pipeline) is None:
         raise UsageError(f"pipeline {pipeline!r} needs an encoder, a decoder and a checkpoint directory for swap-eval")
     encoders = list(encoders) if encoders else default_encoders(registry, pipeline)
+    data = registry.dataset(pipeline, data_name)
     if not seeds:
         raise UsageError("swap-eval needs at least one seed")
     # every name, checkpoint, pairing and same-weights declaration is checked before any evaluation starts
@@ -156,7 +159,7 @@ def swap_eval(registry: Registry, pipeline: str, encoders: list[str] | None = No
     source = first.sources["decoder"]
     decoder = {"pipeline": pipeline, "name": entry.decoder, "checkpoint": str(source.path), "step": source.step,
                "weights_sha256": source.digest, "params": sum(p.numel() for p in first.components["decoder"].parameters())}
-    clips = (f"{len(seeds)} x {config.clips} held-out {entry.data} clips (split 'test', seeds "
+    clips = (f"{len(seeds)} x {config.clips} held-out {data.name} clips (split 'test', seeds "
              f"{', '.join(map(str, seeds))}): {config.context} context + {config.frames} generated frames, "
              f"{config.steps or 'scheduler default'} steps")
     for built, _ in swapped.values():
@@ -164,7 +167,7 @@ def swap_eval(registry: Registry, pipeline: str, encoders: list[str] | None = No
             warn(warning)
     rows, true_sharpness = [], []
     for name, (built, weights) in swapped.items():
-        runs = [evaluate_continuation(built, entry.data, config.model_copy(update={"seed": seed})) for seed in seeds]
+        runs = [evaluate_continuation(built, data, config.model_copy(update={"seed": seed})) for seed in seeds]
         true_sharpness = [statistics.fmean(run.truth_sharpness) for run in runs]
         psnr, ssim = (_mean_std([run.model.mean()[key] for run in runs]) for key in ("psnr", "ssim"))
         losses = _mean_std([validation_loss(built, run.clips, seed) for run, seed in zip(runs, seeds)])

@@ -38,11 +38,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from scdkit.checkpoint import (atomic_save, load_component, read_checkpoint, read_metadata, save_component,
                                scheduler_metadata, shape_problems, weights_digest)
-from scdkit.data import make_clips
+from scdkit.data import as_dataset
 from scdkit.errors import CheckpointError, Interrupted, TrainingDiverged, UsageError
 from scdkit.evaluate import EvalConfig, evaluate_continuation
 from scdkit.files import stale_temporaries, write_text_atomic
-from scdkit.interfaces import Recipe
+from scdkit.interfaces import Recipe, VideoDataset
 from scdkit.pipeline import Pipeline
 from scdkit.runs import (STATE, Source, checkpoint_files, init_components, load_source, provenance, read_manifest,
                          trained_weights, write_manifest)
@@ -82,9 +82,9 @@ class Trainer:
     (recorded in the checkpoints; default: the plugin names); ``frozen``: the components loaded from trained
     checkpoints that stay as they are."""
 
-    def __init__(self, pipeline: Pipeline, config: TrainConfig, out: Path, data: str, console: Console | None = None,
+    def __init__(self, pipeline: Pipeline, config: TrainConfig, out: Path, data: VideoDataset | str, console: Console | None = None,
                  names: dict[str, str] | None = None, frozen: dict[str, Source] | None = None):
-        self.pipeline, self.config, self.out, self.data = pipeline, config, Path(out), data
+        self.pipeline, self.config, self.out, self.data = pipeline, config, Path(out), as_dataset(data, pipeline.frame)
         self.console = console or Console()
         self.names = names or {role: module.plugin_name for role, module in pipeline.components.items()}
         self.frozen = frozen or {}
@@ -228,7 +228,7 @@ class Trainer:
 
     def train_step(self) -> float:
         cfg = self.config
-        batch = make_clips(self.data, cfg.batch, cfg.frames, self.pipeline.frame, seed=cfg.seed * 1_000_003 + self.step)
+        batch = self.data.batch(cfg.batch, cfg.frames, seed=cfg.seed * 1_000_003 + self.step)
         generator = self.pipeline.generator(cfg.seed * 7919 + self.step)
         for group, base in zip(self.groups, self.base_lrs):
             group["lr"] = base * _lr_factor(self.step, cfg.warmup, cfg.steps)
@@ -332,7 +332,7 @@ def fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: str, resume: bool = True,
+def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: VideoDataset | str, resume: bool = True,
           console: Console | None = None, names: dict[str, str] | None = None, init: list[str] = (),
           freeze: list[str] = (), overwrite: bool = False) -> Trainer:
     """Train ``pipeline`` (built, not loaded) into ``out``: resume its training state if there is one, else

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scdkit.cli import main
-from scdkit.data import make_clips
+from scdkit.data import load_dataset
 from scdkit.evaluate import EvalConfig, evaluate_continuation
 from scdkit.interfaces import Recipe
 from scdkit.registry import load_registry
@@ -60,8 +60,9 @@ def test_the_meta_default_device_catches_a_tensor_made_without_a_device():
 @pytest.mark.parametrize("name", ["scd-digits", "baseline-digits"])
 def test_loss_training_step_and_generation_make_every_tensor_on_the_pipelines_device(name, tmp_path):
     pipeline = load_registry(REPO / "registry.toml").build(name, load=False, device="cpu")
-    batch = make_clips("moving-digits", 2, 3, pipeline.frame)
-    trainer = Trainer(pipeline, TrainConfig(steps=1, batch=2, frames=3, eval_every=0), tmp_path, "moving-digits")
+    data = load_dataset("moving-digits", pipeline.frame)
+    batch = data.clips(2, 3)
+    trainer = Trainer(pipeline, TrainConfig(steps=1, batch=2, frames=3, eval_every=0), tmp_path, data)
     with default_device_meta():
         loss = pipeline.loss(batch, Recipe(), pipeline.generator(0))
         assert loss.device.type == "cpu" and torch.isfinite(loss)

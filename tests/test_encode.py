@@ -53,7 +53,7 @@ def test_the_cache_holds_the_conditioning_the_clips_and_where_they_came_from(scd
         frame=scd.frame, contract=encoder.contract, data="moving-digits", split="test", seed=3, clips=2, frames=4,
         scdkit_version=cache.info.scdkit_version)
     with safe_open(str(cache_file), framework="pt") as f:
-        assert f.get_tensor("video").dtype == torch.uint8 and set(f.keys()) == {"cond", "video"}
+        assert f.get_tensor("video").dtype == torch.uint8 and set(f.keys()) == {"cond", "video", "labels"}  # moving-digits carries its labels
     assert cache.cond.shape == (2, 4, 64, 128)
     assert torch.equal(cache.cond, encode_clips(scd, cache.clips))  # the encoding of exactly the stored pixels
 

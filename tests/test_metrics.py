@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from scdkit.data import moving_digits
+from scdkit.data import load_dataset
 from scdkit.metrics import ssim_per_frame
 from tests.test_device import default_device_meta
 
@@ -29,7 +29,7 @@ def test_ssim_matches_scikit_image_on_random_frames():
 
 
 def test_ssim_matches_scikit_image_on_shifted_digits():
-    video = moving_digits(8, 5, split="test")
+    video = load_dataset("moving-digits").clips(8, 5, split="test").video
     pred, true = video[:, :-1], video[:, 1:]  # each frame as the guess of the next: a shifted digit
     ours = ssim_per_frame(pred, true)
     torch.testing.assert_close(ours, reference(pred, true), atol=1e-4, rtol=0)

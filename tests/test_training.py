@@ -2,12 +2,14 @@
 
 import torch
 
-import scdkit.train as train_module
-from scdkit.data import moving_digits
+from scdkit.data import load_dataset
+from scdkit.interfaces import FrameSpec
 from scdkit.interfaces import Batch, Recipe
 from scdkit.registry import load_registry
 from scdkit.train import TrainConfig, Trainer
 from tests.test_registry import GOOD
+
+SMALL = FrameSpec(height=8, width=8)
 
 
 def tiny_pipeline(tmp_path):
@@ -17,10 +19,11 @@ def tiny_pipeline(tmp_path):
 
 
 def test_overfitting_one_batch_lowers_the_loss(tmp_path, monkeypatch):
-    fixed = Batch(moving_digits(4, 4, size=8))
-    monkeypatch.setattr(train_module, "make_clips", lambda *args, **kwargs: fixed)
+    data = load_dataset("moving-digits", SMALL)
+    fixed = data.clips(4, 4)
+    monkeypatch.setattr(data, "clips", lambda *args, **kwargs: fixed)
     trainer = Trainer(tiny_pipeline(tmp_path), TrainConfig(steps=60, batch=4, frames=4, lr=3e-3, warmup=5, eval_every=0,
-                                                           recipe=Recipe(noise_draws=4)), tmp_path, "moving-digits")
+                                                           recipe=Recipe(noise_draws=4)), tmp_path, data)
     losses = [trainer.train_step() for _ in range(60)]
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:5]) / 5, losses
 
@@ -33,7 +36,7 @@ def test_encoder_runs_once_per_clip_and_decoder_sees_shifted_conditioning(tmp_pa
     monkeypatch.setattr(pipeline.components["encoder"], "forward",
                         lambda x: calls.append(x.shape) or encoder_forward(x))
     monkeypatch.setattr(pipeline.components["decoder"], "forward", lambda x, t, c: seen.append(c.shape) or decoder_forward(x, t, c))
-    video = moving_digits(3, 5, size=8)
+    video = load_dataset("moving-digits", SMALL).clips(3, 5).video
     pipeline.loss(video, Recipe(noise_draws=2, cond_noise=0.0))
     assert len(calls) == 1 and calls[0][1] == 5  # one encoder pass over the whole clip
     assert len(seen) == 1 and seen[0][0] == 3 * 4 * 2  # all 4 target frames x 2 noise draws in one batch
@@ -42,7 +45,7 @@ def test_encoder_runs_once_per_clip_and_decoder_sees_shifted_conditioning(tmp_pa
 def test_decoder_target_is_conditioned_on_previous_frame(tmp_path, monkeypatch):
     """Frame i's decoder input must carry the encoder output of frame i-1 (the one-frame shift)."""
     pipeline = tiny_pipeline(tmp_path)
-    video = moving_digits(2, 4, size=8)
+    video = load_dataset("moving-digits", SMALL).clips(2, 4).video
     enc_out = pipeline.components["encoder"](torch.zeros(2, 4, 16, 4))
     marked = torch.arange(4.0)[None, :, None, None].expand_as(enc_out).clone()
     monkeypatch.setattr(pipeline.components["encoder"], "forward", lambda x: marked)

@@ -83,7 +83,7 @@ def test_channels_must_match_the_data(capsys, tmp_path):
     path = write(tmp_path, GOOD.replace("height = 8", "channels = 3\nheight = 8"))
     [line] = assert_rejected(capsys, path, 1)
     assert f"{path}: [pipelines.p].channels: " in line
-    assert "'moving-digits' has 1 channel(s), the frame 3" in line
+    assert "'moving-digits' has 1 channel, the frame 3" in line
 
 
 def test_non_square_frame_with_square_data(capsys, tmp_path):
@@ -149,10 +149,13 @@ def test_no_checkpoint_key_gives_no_note(capsys, tmp_path):
 # -- 7. conditioning the data cannot provide ------------------------------------------------------
 
 def test_class_conditioned_decoder_needs_labelled_data(capsys, tmp_path):
-    path = write(tmp_path, decoder(GOOD, "heads = 2", "heads = 2\nclasses = 10"))
+    path = write(tmp_path, decoder(GOOD, "heads = 2", "heads = 2\nclasses = 10") + 'data = "bouncing-balls"\n')
     [line] = assert_rejected(capsys, path, 1)
     assert f"{path}: [pipelines.p].data: " in line
     assert "decoder 'dec' takes class labels (10 classes) but the data has none" in line
+    path = write(tmp_path, decoder(GOOD, "heads = 2", "heads = 2\nclasses = 5"))  # moving-digits has 10
+    [line] = assert_rejected(capsys, path, 1)
+    assert "decoder 'dec' takes 5 classes but the data has 10" in line
 
 
 def test_action_conditioned_encoder_needs_actions_in_the_data(capsys, tmp_path):
@@ -175,7 +178,7 @@ def test_component_refused_by_its_constructor_names_the_role(capsys, tmp_path):
 # -- 9. several problems at once ------------------------------------------------------------------
 
 def test_every_dry_build_problem_is_reported(capsys, tmp_path):
-    text = (decoder(GOOD, "heads = 2", "heads = 2\nclasses = 10")
+    text = (decoder(GOOD, "heads = 2", "heads = 2\nclasses = 5")  # moving-digits has 10 classes
             .replace("height = 8\nwidth = 8", "channels = 3\nheight = 8\nwidth = 16")
             + '\n[encoders.mem]\nplugin = "memory-efficient"\nwidth = 32\nlayers = 1\nheads = 2\npool = 3\n'
             + '\n[pipelines.q]\nencoder = "mem"\ndecoder = "dec"\nscheduler = "flow"\n'

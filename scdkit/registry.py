@@ -128,8 +128,12 @@ class Registry:
         if problem:
             raise RegistryError([f"{self.path}: {problem}"])
         if name in self.components["datasets"]:
-            return self.build_component("datasets", name, entry.frame)
-        return self.catalog.get("datasets", name)(self.catalog.get("datasets", name).config_class(), entry.frame)
+            data = self.build_component("datasets", name, entry.frame)
+        else:
+            cls = self.catalog.get("datasets", name)
+            data = cls(cls.config_class(), entry.frame)
+        data.name = name
+        return data
 
     def data_problem(self, name: str) -> str | None:
         """Why ``name`` names no data set here, or None."""

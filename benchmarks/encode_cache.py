@@ -71,9 +71,9 @@ def render_from_file(pipeline, path: Path, steps: int):
     return render(pipeline, cache.cond, cache.clips.conditioning, steps, pipeline.generator(0))
 
 
-def render_table(pipeline, entry, args) -> list[str]:
+def render_table(pipeline, entry, data, args) -> list[str]:
     cache_path = Path(tempfile.mkdtemp()) / "encoded.safetensors"
-    write_cache(encode(pipeline, entry.data, EncodeConfig(clips=args.clips, frames=args.frames), entry.encoder),
+    write_cache(encode(pipeline, data, EncodeConfig(clips=args.clips, frames=args.frames), entry.encoder),
                 cache_path)
     clips = read_cache(cache_path).clips
     rows = ["| steps | encoder + decoder (s) | render from cache (s) | encoder alone (s) | saved | speedup |",
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
         print(f"### Render from an encoder cache ({args.pipeline}, {args.clips} clips x {args.frames} frames: "
               f"{args.clips * (args.frames - 1)} teacher-forced frames, batch {RenderConfig().batch}; "
               "both sides decode only, no scoring)\n")
-        print("\n".join(render_table(scd, registry.pipelines[args.pipeline], args)), flush=True)
+        print("\n".join(render_table(scd, registry.pipelines[args.pipeline], registry.dataset(args.pipeline), args)), flush=True)
     if args.only != "render":
         print(f"\n### {args.continuations} continuations of one context ({args.continue_frames} frames each, "
               f"{steps} steps, batch 1): one prefill reused vs a full `generate` each; the totals are composed "

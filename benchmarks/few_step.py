@@ -54,7 +54,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     registry = load_registry(args.registry)
     pipeline = registry.build(args.pipeline, checkpoint=args.checkpoint)
-    data = registry.entry(args.pipeline).data
+    data = registry.dataset(args.pipeline)
     base = pipeline.scheduler
     reference_setting = (args.reference_steps, 1.0, "uniform")
     settings = [reference_setting] + [(s, shift, grid) for grid in args.grids for shift in args.shifts for s in args.steps]
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
                                  "sharpness": result.model.mean()["sharpness"] / true_sharpness,
                                  "references": {"repeat-last": result.repeat_last.mean(4)["psnr"],
                                                 "constant velocity": result.constant_velocity.mean(4)["psnr"]}}
-    clip = held_out_clips(pipeline, data, 1, 4 + args.stream_frames, seed=99).context(4)
+    clip = held_out_clips(data, 1, 4 + args.stream_frames, seed=99).context(4)
     latency = {setting: [] for setting in settings}
     for _ in range(args.runs):
         for steps, shift, grid in settings:

@@ -86,7 +86,7 @@ def train_job(registry_path: str, pipeline: str, width: int | None, heads: int |
     torch.set_num_threads(threads)
     registry = load_registry(registry_path)
     train(build(registry, pipeline, width, heads), TrainConfig(**config), Path(out),
-          registry.pipelines[pipeline].data, resume=True, console=Console(quiet=True))
+          registry.dataset(pipeline), resume=True, console=Console(quiet=True))
     return out
 
 
@@ -141,7 +141,7 @@ class Table:
 
 def measure(args, registry, roles, out_of, log) -> tuple[Table, dict[str, Pipeline]]:
     table, first = Table(), {}
-    data = registry.pipelines[args.scd].data
+    data = registry.dataset(args.scd)
     for role, name in roles.items():
         table.scores[role] = {}
         for seed in args.seeds:
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"probing the trained baseline (seed {args.seeds[0]})")
     baseline = trained[BASELINE]
-    probe = run_probe(baseline, registry.pipelines[args.baseline].data,
+    probe = run_probe(baseline, registry.dataset(args.baseline),
                       ProbeConfig(context=args.eval_context, steps=args.sample_steps, clips=args.probe_clips))
     figures = plot_probe(probe, Path(args.figures), title=f"causal DiT, {args.steps} steps, seed {args.seeds[0]}")
 

@@ -3,7 +3,9 @@
 Every error a user can act on becomes one line on stderr and a non-zero exit (2 for bad input), in one
 place (``user_error``): scdkit's own errors, running out of memory, and OS errors on a named path.
 ``--debug`` (or ``SCDKIT_DEBUG=1``) shows the traceback as well, for bug reports; any other exception is a
-bug and shows its traceback anyway. Ctrl-C and SIGTERM stop a command the same way (exit 130).
+bug and shows its traceback anyway. Ctrl-C and SIGTERM stop a command the same way (exit 130). Under torchrun
+(``scdkit.distributed``) rank 0 speaks for the run: the other processes stay silent about what every process hits
+alike (bad input, a stop), and mark their own errors with their rank.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from scdkit.errors import ScdkitError, UsageError
+from scdkit.errors import RegistryError, ScdkitError, TrainingDiverged, UsageError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -126,6 +128,8 @@ def _pipeline(args, load: bool = True, steps: int | None = None, needs=None):
         needed, what, hint = needs(pipeline)
         check_fits(needed, what, pipeline.device, hint)
     pipeline.sampling_times(steps)
+    if hasattr(args, "data"):  # the commands that read data: their data set, checked before anything is said
+        args.dataset = _data(args, registry, name, pipeline)
     _say(where)
     if args.attention:
         _say(pipeline.attention)
@@ -160,21 +164,60 @@ def data_name(args, registry, name: str) -> str:
 
 
 def cmd_train(args) -> int:
+    """``scdkit train``; under torchrun (``scdkit.distributed``) each process joins the process group first and
+    leaves it at the end, and only rank 0 prints."""
+    from scdkit import distributed
     from scdkit.interfaces import Recipe
     from scdkit.options import model_from_args
-    from scdkit.train import TrainConfig, train
+    from scdkit.train import TrainConfig, micro_batch_size
 
+    config = model_from_args(TrainConfig, args, recipe=model_from_args(Recipe, args))  # bad values: before any work
+    place = distributed.from_environment()
+    micro_batch_size(config, place.world if place else 1)
+    if place is None:
+        if config.parallel == "fsdp":
+            raise UsageError("--parallel fsdp: shards the model over the processes torchrun starts (torchrun "
+                             "--nproc-per-node N -m scdkit.cli train ...); a single process holds it whole")
+        return _train(args, config, distributed.Ranks())
+    if config.parallel == "fsdp" and args.precision == "fp16":
+        raise UsageError("--precision fp16: not with --parallel fsdp (its loss scaling would differ between shards); "
+                         "use bf16")
+    from scdkit.device import resolve_device
+
+    args.device = distributed.device_name(args.device or "auto", place)
+    device, _ = resolve_device(args.device)
+    ranks = distributed.start(place, device)
+    try:
+        with _quiet_unless(ranks.main):
+            return _train(args, config, ranks)
+    finally:
+        distributed.stop()
+
+
+@contextmanager
+def _quiet_unless(speaking: bool):
+    """Console output only from the process that speaks for a torchrun run (rank 0)."""
+    quiet = console.quiet, err_console.quiet
+    console.quiet, err_console.quiet = quiet[0] or not speaking, quiet[1] or not speaking
+    try:
+        yield
+    finally:
+        console.quiet, err_console.quiet = quiet
+
+
+def _train(args, config, ranks) -> int:
     from scdkit.files import check_writable
     from scdkit.registry import load_registry
     from scdkit.runs import STATE, manifest_encoder
+    from scdkit.train import micro_batch_size, train
 
-    config = model_from_args(TrainConfig, args, recipe=model_from_args(Recipe, args))  # bad values: before any work
     registry = load_registry(args.registry)
     name = args.pipeline or registry.default_pipeline
     out = Path(args.out) if args.out else registry.checkpoint_dir(name)
     if out is None:
         raise UsageError(f"pipeline {name!r} has no checkpoint directory; pass --out")
-    check_writable(out, "--out", folder=True)
+    if ranks.main:  # the one that writes
+        check_writable(out, "--out", folder=True)
     if not args.fresh and (out / STATE).exists():  # resuming: the encoder the run was started with
         recorded = manifest_encoder(out)
         if args.encoder and recorded and args.encoder != recorded:
@@ -187,16 +230,19 @@ def cmd_train(args) -> int:
     from scdkit.runs import check_init_readable
 
     check_init_readable(args.init)
-    torch.manual_seed(config.seed)  # the initial weights too: the same seed, the same run
+    torch.manual_seed(config.seed)  # the initial weights too: the same seed, the same run (on every rank)
+    clips = micro_batch_size(config, ranks.world)  # what one backward holds at once
     registry, name, pipeline = _pipeline(args, load=False, needs=lambda p: (
-        training_bytes(p.frame, config.batch, config.frames, config.recipe.noise_draws),
-        f"train --batch {config.batch} --frames {config.frames}", "use a smaller --batch or --frames"))
+        training_bytes(p.frame, clips, config.frames, config.recipe.noise_draws),
+        f"train --batch {config.batch} --frames {config.frames}", "use a smaller --batch or --frames, or --accumulate"))
     freeze = [role.strip() for item in args.freeze for role in item.split(",") if role.strip()]
     names = registry.role_names(name, args.encoder)
+    processes = (f"; {ranks.world} processes ({config.parallel}, {config.batch // ranks.world} clips each per step)"
+                 if ranks.distributed else "")
     console.print(f"training [bold]{name}[/bold] ({', '.join(f'{r} {n}' for r, n in names.items())}; "
-                  f"{sum(p.numel() for p in pipeline.parameters()):,} parameters) into {out}")
-    train(pipeline, config, out, _data(args, registry, name, pipeline), resume=not args.fresh, console=console,
-          names=names, init=args.init, freeze=freeze, overwrite=args.overwrite)
+                  f"{sum(p.numel() for p in pipeline.parameters()):,} parameters) into {out}{processes}")
+    train(pipeline, config, out, args.dataset, resume=not args.fresh, console=console,
+          names=names, init=args.init, freeze=freeze, overwrite=args.overwrite, ranks=ranks)
     return 0
 
 
@@ -212,8 +258,9 @@ def cmd_generate(args) -> int:
         check_video_support(Path(args.video))
         check_writable(args.video, "--video")
     registry, name, pipeline = _pipeline(args, steps=config.steps, needs=_continuation_needs("generate", config))
-    run_generate(pipeline, _data(args, registry, name, pipeline), config, gif=Path(args.gif),
-                 video=Path(args.video) if args.video else None, as_json=args.json, console=console)
+    run_generate(pipeline, args.dataset, config, gif=Path(args.gif),
+                 video=Path(args.video) if args.video else None, as_json=args.json, console=console,
+                 lpips=Path(args.lpips) if args.lpips else None, i3d=Path(args.i3d) if args.i3d else None)
     return 0
 
 
@@ -231,8 +278,9 @@ def cmd_probe(args) -> int:
     pipeline, step = load_probe_pipeline(registry, args.pipeline, args.checkpoint, **options)
     needed, what, hint = _continuation_needs("probe", config, frames=1)(pipeline)
     check_fits(needed, what, pipeline.device, hint)
+    data = _data(args, registry, args.pipeline, pipeline)
     _say(where)
-    result = run_probe(pipeline, _data(args, registry, args.pipeline, pipeline), config)
+    result = run_probe(pipeline, data, config)
     out = Path(args.out)
     figures = plot_probe(result, out, title=f"{args.pipeline} (step {step})")
     payload = {"pipeline": args.pipeline, "checkpoint_step": step, **result.to_json(), "figures": figures}
@@ -289,7 +337,7 @@ def cmd_encode(args) -> int:
     out = Path(args.out)
     check_writable(out, args.overwrite)  # before any work
     registry, name, pipeline = _pipeline(args, needs=_continuation_needs("encode", config))
-    cache = encode(pipeline, _data(args, registry, name, pipeline), config, registry.pipelines[name].encoder)
+    cache = encode(pipeline, args.dataset, config, registry.pipelines[name].encoder)
     write_cache(cache, out, args.overwrite)
     info = cache.info
     console.print(f"wrote {out}: the conditioning {list(cache.cond.shape)} of {info.clips} held-out {info.data} clips "
@@ -486,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p.add_argument_group("evaluation"), EvalConfig)
     p.add_argument("--gif", default="out/generate.gif", help="where the comparison GIF goes")
     p.add_argument("--video", default=None, metavar="FILE.mp4", help="also write an MP4 (needs the video extra)")
+    p.add_argument("--lpips", default=None, metavar="FILE.safetensors",
+                   help="also score LPIPS with these AlexNet-LPIPS weights (scdkit.perceptual says how to convert the "
+                        "official ones; nothing is downloaded)")
+    p.add_argument("--i3d", default=None, metavar="FILE.pt",
+                   help="also score FVD with this I3D TorchScript file (StyleGAN-V's i3d_torchscript.pt)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="checkpoint directory to load instead of the pipeline's (e.g. a `train --out` run; a run "
                         "trained with --encoder brings that encoder)")
@@ -601,6 +654,33 @@ def _sigterm_as_interrupt():
             signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
 
 
+def _speaks_for_the_run() -> bool:
+    """False in the torchrun processes other than rank 0 (``scdkit.distributed``)."""
+    from scdkit.distributed import is_main_process
+
+    return is_main_process()
+
+
+def _rank_label() -> str:
+    """`` (rank N)`` in a torchrun process other than rank 0, so that its error says whose it is."""
+    return "" if _speaks_for_the_run() else f" (rank {os.environ['RANK']})"
+
+
+def _after_rank_0(code: int, seconds: float = 5.0) -> int:
+    """``code``, a few seconds late: a torchrun process other than rank 0 that stops as rank 0 does (a bad argument,
+    a stop signal) leaves rank 0 the time to say why, since torchrun ends every process as soon as one exits. Once
+    rank 0 has exited, torchrun's SIGTERM ends this one at once, silently."""
+    import time
+
+    try:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_DFL)
+    except ValueError:  # not the main thread
+        pass
+    time.sleep(seconds)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("SCDKIT_DEBUG", "") not in ("", "0")
     with _sigterm_as_interrupt():
@@ -613,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(args.threads or os.cpu_count() or 1)
             return args.func(args)
         except KeyboardInterrupt as exc:
+            if not _speaks_for_the_run():
+                return _after_rank_0(130)
             err_console.print(f"scdkit: interrupted{f': {exc}' if str(exc) else ''}", markup=False, highlight=False,
                               soft_wrap=True)
             return 130
@@ -620,9 +702,11 @@ def main(argv: list[str] | None = None) -> int:
             known = user_error(exc)
             if known is None:
                 raise
+            if isinstance(exc, (UsageError, RegistryError, TrainingDiverged)) and not _speaks_for_the_run():
+                return _after_rank_0(known[1])  # the same arguments and files, or agreed: rank 0 says it
             if debug:
                 traceback.print_exc()
-            err_console.print(f"scdkit: error: {known[0]}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"scdkit{_rank_label()}: error: {known[0]}", markup=False, highlight=False, soft_wrap=True)
             return known[1]
 
 

@@ -22,6 +22,7 @@ from scdkit.evaluate import EvalConfig, Evaluation, evaluate_continuation, held_
 from scdkit.files import atomic_path
 from scdkit.interfaces import Batch, VideoDataset
 from scdkit.pipeline import Generation, Pipeline
+from scdkit.references import constant_velocity, repeat_last
 
 CONTEXT_BORDER = (60, 200, 90)
 GENERATED_BORDER = (230, 70, 60)
@@ -147,6 +148,25 @@ def scores_table(title: str, frames: list[str], scores: dict[str, dict[str, list
     return table
 
 
+def perceptual_scores(result: Evaluation, metrics: list[str], lpips: Path | None, i3d: Path | None) -> dict:
+    """LPIPS over the first 4 generated frames and FVD of the generated frames against the true ones, for the
+    model and the references, as far as ``metrics`` has them. FVD from a few clips is a rough figure: the
+    feature covariances are fitted to as many videos as there are clips."""
+    from scdkit.perceptual import fvd, lpips_per_frame
+
+    k = result.truth.shape[1]
+    videos = {"model": result.generation.video.float().cpu(), "repeat_last": repeat_last(result.context, k),
+              "constant_velocity": constant_velocity(result.context, k)}
+    scores = {}
+    if "lpips" in metrics:
+        first4 = min(4, k)
+        scores["lpips_first4"] = {who: float(lpips_per_frame(v[:, :first4], result.truth[:, :first4], lpips).mean())
+                                  for who, v in videos.items()}
+    if "fvd" in metrics:
+        scores["fvd"] = {who: fvd(result.truth, v, i3d) for who, v in videos.items()}
+    return scores
+
+
 def print_report(report: dict, console: Console) -> None:
     title = (f"held-out continuation: {report['clips']} clips, {report['context_frames']} context frames, "
              f"{report['steps']} steps; last = repeat the last context frame, velocity = move it on at constant "
@@ -167,6 +187,10 @@ def print_report(report: dict, console: Console) -> None:
     console.print("SSIM over the same frames: " + ", ".join(f"{names[who]} {value:.3f}" for who, value in ssim.items())
                   + f"; sharpness of all {report['generated_frames']} generated frames: "
                   f"{report['sharpness_ratio']:.2f}x the true frames' (blur reads below 1)")
+    for key, label in (("lpips_first4", f"LPIPS over the first {first} frames (lower is closer)"),
+                       ("fvd", f"FVD of the {report['generated_frames']} generated frames against the true ones")):
+        if key in report:
+            console.print(f"{label}: " + ", ".join(f"{names[who]} {value:.3f}" for who, value in report[key].items()))
     if "state_error_first4" in report:
         console.print("state error (pixels from each true object centre to the nearest blob found) over the first "
                       f"{first} frames: " + ", ".join(f"{names[who]} {value:.2f}"
@@ -178,8 +202,14 @@ def print_report(report: dict, console: Console) -> None:
 
 
 def run_generate(pipeline: Pipeline, data: VideoDataset | str, config: EvalConfig = EvalConfig(), gif: Path = Path("out/generate.gif"),
-                 video: Path | None = None, as_json: bool = False, console: Console | None = None) -> dict:
+                 video: Path | None = None, as_json: bool = False, console: Console | None = None,
+                 lpips: Path | None = None, i3d: Path | None = None) -> dict:
+    """The main job; ``lpips`` (LPIPS weights) and ``i3d`` (the FVD network) add those scores when given
+    (``scdkit.perceptual``: nothing is downloaded; a bad file is refused before any work)."""
+    from scdkit.perceptual import perceptual_metrics
+
     console = console or Console()
+    perceptual = perceptual_metrics(lpips, i3d)
     data = as_dataset(data, pipeline.frame)
     clips, context, frames = config.clips, config.context, config.frames
     steps = config.steps or pipeline.scheduler.steps
@@ -195,7 +225,7 @@ def run_generate(pipeline: Pipeline, data: VideoDataset | str, config: EvalConfi
                             frames, steps, config.guidance)
     frames = comparison_frames(result.context, result.truth, result.generation.video.float().cpu())
     write_gif(gif, frames)
-    report = summary(result, timing, steps) | {"gif": str(gif)}
+    report = summary(result, timing, steps) | {"gif": str(gif)} | perceptual_scores(result, perceptual, lpips, i3d)
     if video is not None:
         write_mp4(video, frames)
         report["video"] = str(video)

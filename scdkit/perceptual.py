@@ -304,7 +304,7 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
     distance = float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root.real))
     if not np.isfinite(distance):
         raise NotFinite(f"the Fréchet distance is {distance} (features that are not finite?)")
-    return distance
+    return max(distance, 0.0)  # rounding in the matrix root can leave a tiny negative value for equal sets
 
 
 # -------------------------------------------------------------------------------------------------- helpers

@@ -90,3 +90,31 @@ def test_frame_problems_name_the_pipeline_key():
     assert load_dataset("bouncing-balls", FrameSpec(channels=3)).frame_problems()[0][0] == "channels"
     assert load_dataset("moving-digits", FrameSpec(height=32, width=16)).frame_problems()[0][0] == "width"
     assert load_dataset("controlled-agent", FrameSpec(height=4, width=4), radius=3).frame_problems()[0][0] == "height"
+
+
+def test_commands_read_the_data_set_named_by_data(tmp_path):
+    """--data picks another data set for a pipeline; a name it does not know, or data the pipeline cannot read,
+    is one line and exit 2."""
+    import subprocess
+    import sys
+
+    from tests.test_registry import GOOD
+
+    registry = tmp_path / "registry.toml"
+    registry.write_text(GOOD + '\n[datasets.balls]\nplugin = "bouncing-balls"\nmax_balls = 1\n'
+                        '\n[datasets.agent]\nplugin = "controlled-agent"\nradius = 1.5\nspeed = 1\n')
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "scdkit.cli", "--threads", "1", "generate", "--registry", str(registry),
+                               "--clips", "2", "--context", "2", "--frames", "2", "--steps", "1",
+                               "--gif", str(tmp_path / "g.gif"), *args], capture_output=True, text=True)
+    done = run("--data", "balls")  # the pipeline has no checkpoint: random weights, as a smoke test
+    assert done.returncode == 0, done.stderr
+    assert "held-out balls clips" in done.stderr and "state error" in done.stdout
+    for args, message in ((["--data", "ball"], "unknown data set 'ball'; did you mean 'balls'"),
+                          (["--data", "agent", "--pipeline", "p"], None)):
+        failed = run(*args)
+        if message is None:  # an unconditioned pipeline reads the agent's frames and ignores its actions
+            assert failed.returncode == 0, failed.stderr
+            continue
+        assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr

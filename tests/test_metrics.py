@@ -49,3 +49,17 @@ def test_ssim_of_the_smallest_frames_with_an_interior(size):
     g = torch.Generator().manual_seed(1)
     pred, true = torch.rand(2, 1, 1, size, size, generator=g), torch.rand(2, 1, 1, size, size, generator=g)
     torch.testing.assert_close(ssim_per_frame(pred, true), reference(pred, true), atol=1e-4, rtol=0)
+
+
+def test_state_error_is_the_distance_to_the_objects_found():
+    from scdkit.metrics import state_error_per_frame
+
+    batch = load_dataset("bouncing-balls").clips(32, 3, split="test")
+    exact = state_error_per_frame(batch.video, batch.states)
+    assert exact.shape == (3,) and exact.mean() < 1.0  # not 0: balls that touch merge into one blob
+    shifted = torch.roll(batch.video, shifts=3, dims=-1)  # every ball 3 px to the right (walls aside)
+    assert 2.0 < state_error_per_frame(shifted, batch.states).mean() < 3.5
+    blank = state_error_per_frame(torch.zeros_like(batch.video), batch.states)
+    assert torch.allclose(blank, torch.full((3,), float(torch.tensor([32.0, 32.0]).norm())))
+    smeared = batch.video.mean(dim=(-2, -1), keepdim=True).expand_as(batch.video)  # all blur, no ball left
+    assert state_error_per_frame(smeared, batch.states).min() > 10

@@ -3,12 +3,14 @@ for the I3D (nothing is downloaded); the Fréchet distance against its closed fo
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from rich.console import Console
 from torch import Tensor, nn
 
 from scdkit import perceptual
@@ -296,3 +298,25 @@ def test_frechet_distance_of_one_feature_and_its_refusals():
         frechet_distance(a[:1], b)
     with pytest.raises(UsageError, match="of one width"):
         frechet_distance(torch.zeros(4, 2), torch.zeros(4, 3))
+
+
+def test_generate_scores_lpips_and_fvd_only_when_given_their_files(lpips_file, i3d_file, tmp_path):
+    from scdkit.evaluate import EvalConfig
+    from scdkit.generate import run_generate
+    from scdkit.registry import load_registry
+    from tests.test_device import REPO
+
+    pipeline = load_registry(REPO / "registry.toml").build("scd-digits", load=False)  # 32x32: AlexNet's smallest is 31
+    config = EvalConfig(clips=2, context=2, frames=2, steps=1)
+    quiet = Console(file=io.StringIO())
+    plain = run_generate(pipeline, "moving-digits", config, gif=tmp_path / "a.gif", console=quiet)
+    assert "lpips_first4" not in plain and "fvd" not in plain
+    scored = run_generate(pipeline, "moving-digits", config, gif=tmp_path / "b.gif", console=quiet,
+                          lpips=lpips_file, i3d=i3d_file)
+    for key in ("lpips_first4", "fvd"):
+        assert set(scored[key]) == {"model", "repeat_last", "constant_velocity"}
+        assert all(math.isfinite(v) and v >= 0 for v in scored[key].values()), scored[key]
+    with pytest.raises(UsageError, match="nowhere.safetensors"):  # refused before anything is generated or written
+        run_generate(pipeline, "moving-digits", config, gif=tmp_path / "c.gif", console=quiet,
+                     lpips=tmp_path / "nowhere.safetensors")
+    assert not (tmp_path / "c.gif").exists()

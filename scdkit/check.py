@@ -49,7 +49,7 @@ def find_component(registry: Registry, name: str) -> ComponentEntry:
 
 def pipeline_using(registry: Registry, entry: ComponentEntry) -> str | None:
     """The name of a pipeline with ``entry`` in its role (the default pipeline if it is one), or None."""
-    role = SINGULAR[entry.kind]
+    role = "data" if entry.kind == "datasets" else SINGULAR[entry.kind]
     using = [name for name, p in registry.pipelines.items() if getattr(p, role) == entry.name]
     return registry.default_pipeline if registry.default_pipeline in using else next(iter(using), None)
 
@@ -88,6 +88,8 @@ def _checks(registry: Registry, entry: ComponentEntry, pipeline: str | None, fra
             return testing.scheduler_checks(entry.cls, entry.config)
         case "models":
             return testing.model_checks(entry.cls, entry.config, frame, perturb=PERTURBED_FRAMES)
+        case "datasets":
+            return testing.dataset_checks(entry.cls, entry.config, frame)
     raise ValueError(f"no conformance checks for {entry.kind}")
 
 

@@ -40,7 +40,8 @@ from torch import Tensor
 
 from scdkit.checkpoint import load_component, save_component
 from scdkit.interfaces import (CausalEncoder, CondSpec, Conditioning, ConditioningSpec, FrameDecoder, FrameSpec,
-                               NoiseScheduler, PredictionType, StagedDecoder, VideoModel, expand_like, given)
+                               NoiseScheduler, PredictionType, StagedDecoder, VideoDataset, VideoModel, expand_like,
+                               given)
 
 TINY_FRAME = FrameSpec(channels=1, height=8, width=8, patch_size=2)  # 16 tokens of 4 values
 ATOL = 1e-5
@@ -704,4 +705,73 @@ def model_checks(cls, config=None, frame: FrameSpec = TINY_FRAME, perturb: int |
 
 def check_model(cls, config=None, frame: FrameSpec = TINY_FRAME) -> None:
     for _, check in model_checks(cls, config, frame):
+        check()
+
+
+# -- data sets ---------------------------------------------------------------------------------
+
+def check_dataset_clips(data: VideoDataset) -> None:
+    """Shapes, dtype, range and device of the clips, and exactly the conditioning and states it declares."""
+    frame, batch = data.frame, data.clips(2, 3, split="train", seed=0)
+    video = batch.video
+    assert video.shape == (2, 3, frame.channels, frame.height, frame.width), (
+        f"{type(data).__name__}.clips(2, 3) gave video {list(video.shape)}, expected [2 3 {frame.channels} "
+        f"{frame.height} {frame.width}]")
+    assert video.dtype == torch.float32 and video.device.type == "cpu", "clips are float32 on the CPU"
+    assert 0 <= float(video.min()) and float(video.max()) <= 1, "pixels must lie in [0, 1]"
+    provides = data.provides
+    assert (batch.labels is not None) == bool(provides.classes), (
+        f"provides {provides.classes} classes but labels are {'missing' if batch.labels is None else 'given'}")
+    if batch.labels is not None:
+        labels = batch.labels
+        assert labels.shape == (2,) and labels.dtype == torch.int64, "labels are int64 [count]"
+        assert 0 <= int(labels.min()) and int(labels.max()) < provides.classes, (
+            f"labels must lie in 0..{provides.classes - 1} (label {provides.classes} is the null label)")
+    assert (batch.actions is not None) == bool(provides.actions), (
+        f"provides actions of width {provides.actions} but actions are {'missing' if batch.actions is None else 'given'}")
+    if batch.actions is not None:
+        assert batch.actions.shape == (2, 3, provides.actions), f"actions are [count frames {provides.actions}]"
+    assert (batch.states is not None) == data.has_states, "states must be given exactly when has_states is set"
+    if batch.states is not None:
+        assert batch.states.dim() == 4 and batch.states.shape[:2] == (2, 3) and batch.states.shape[3] == 3, (
+            "states are [count frames objects 3]: centre y, x and radius")
+
+
+def check_dataset_seeded_and_split(data: VideoDataset) -> None:
+    """The same (split, seed) gives the same clips; another seed or the other split gives others."""
+    first = data.clips(2, 3, split="train", seed=5).video
+    assert torch.equal(first, data.clips(2, 3, split="train", seed=5).video), "the same seed gave other clips"
+    assert not torch.equal(first, data.clips(2, 3, split="train", seed=6).video), "another seed gave the same clips"
+    assert not torch.equal(first, data.clips(2, 3, split="test", seed=5).video), "the test split repeats the train split"
+
+
+def check_dataset_shards(data: VideoDataset) -> None:
+    """The shards of a batch, put together, are the batch (multi-process training reads shards)."""
+    whole = data.batch(4, 2, seed=3)
+    parts = [data.batch(4, 2, seed=3, shard=(rank, 2)) for rank in range(2)]
+    assert torch.equal(torch.cat([part.video for part in parts]), whole.video), "shards do not make up the batch"
+
+
+def dataset_checks(cls, config=None, frame: FrameSpec = TINY_FRAME) -> Checks:
+    """The data set checks by name, for a data set built from ``config`` for ``frame``."""
+    config = config or cls.example_config()
+    data = cls(config, frame)
+    return [
+        ("rejects unknown config keys", lambda: check_rejects_unknown_keys(cls)),
+        ("fits the frame", lambda: _no_frame_problems(data)),
+        ("clips: shapes, range, conditioning, states", lambda: check_dataset_clips(data)),
+        ("seeded, train and test apart", lambda: check_dataset_seeded_and_split(data)),
+        ("shards make up the batch", lambda: check_dataset_shards(data)),
+    ]
+
+
+def _no_frame_problems(data: VideoDataset) -> None:
+    problems = data.frame_problems()
+    assert not problems, "; ".join(problem for _, problem in problems)
+
+
+def check_dataset(cls, config=None, frame: FrameSpec = TINY_FRAME) -> None:
+    """The data set contract: clips of the frame's shape in [0, 1] with exactly the declared conditioning and
+    states, seeded, splits apart, and shards that make up the batch."""
+    for _, check in dataset_checks(cls, config, frame):
         check()

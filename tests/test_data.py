@@ -118,3 +118,37 @@ def test_commands_read_the_data_set_named_by_data(tmp_path):
             continue
         assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+
+
+@pytest.mark.parametrize("name", ["moving-digits", "bouncing-balls", "controlled-agent"])
+def test_built_in_data_sets_pass_the_kit(name):
+    from scdkit import testing
+    from scdkit.pluginmanager import default_catalog
+
+    testing.check_dataset(default_catalog().get("datasets", name), frame=FrameSpec())
+
+
+def test_the_kit_catches_a_broken_data_set():
+    """Mutants of controlled-agent: each breaks one part of the contract and the kit names it."""
+    from scdkit import testing
+    from scdkit.interfaces import Batch
+    from scdkit.plugins.datasets.controlled_agent import ControlledAgent
+
+    class IgnoresTheSeed(ControlledAgent):
+        def clips(self, count, frames, split="train", seed=0):
+            return super().clips(count, frames, split, 0)
+
+    class NoActions(ControlledAgent):
+        def clips(self, count, frames, split="train", seed=0):
+            batch = super().clips(count, frames, split, seed)
+            return Batch(batch.video, states=batch.states)
+
+    class Overexposed(ControlledAgent):
+        def clips(self, count, frames, split="train", seed=0):
+            batch = super().clips(count, frames, split, seed)
+            return Batch(batch.video * 2, actions=batch.actions, states=batch.states)
+
+    for mutant, message in ((IgnoresTheSeed, "another seed gave the same clips"), (NoActions, "actions are missing"),
+                            (Overexposed, "pixels must lie in")):
+        with pytest.raises(AssertionError, match=message):
+            testing.check_dataset(mutant, frame=FrameSpec())

@@ -71,3 +71,10 @@ def load_dataset(name: str, frame=None, **options):
 def as_dataset(data, frame):
     """``data`` as it is if it is a data set, else the data set plugin of that name (default options) for ``frame``."""
     return load_dataset(data, frame) if isinstance(data, str) else data
+
+
+def check_range(config, low: str, high: str):
+    """A config validator's body: ``high`` may not be below ``low`` (e.g. max_digits and min_digits)."""
+    if getattr(config, high) < getattr(config, low):
+        raise ValueError(f"{high} {getattr(config, high)} is below {low} {getattr(config, low)}")
+    return config

@@ -97,14 +97,8 @@ def perceptual_metrics(lpips: Path | None = None, i3d: Path | None = None) -> li
 
 def load_lpips(path: Path | str | None) -> dict[str, Tensor]:
     """The checked LPIPS weights of a safetensors file (on the CPU, cached while the file is unchanged)."""
-    if path is None:
-        raise UsageError(f"LPIPS needs its weights: pass a safetensors file ({CONVERT_HINT}); nothing is downloaded")
-    path = Path(path)
-    problem = read_problem(path)
-    if problem:
-        raise UsageError(f"{path}: LPIPS weights file {problem}")
-    if path.is_dir():
-        raise UsageError(f"{path}: is a folder, not an LPIPS weights file")
+    path = _user_file(path, "LPIPS weights file",
+                      f"LPIPS needs its weights: pass a safetensors file ({CONVERT_HINT}); nothing is downloaded")
     stat = path.stat()
     return _read_lpips(path, path.resolve(), stat.st_mtime_ns, stat.st_size)
 
@@ -232,14 +226,8 @@ def _official_name(name: str) -> str:
 def load_i3d(path: Path | str | None, device: torch.device | str) -> torch.jit.ScriptModule:
     """The I3D TorchScript module of ``path`` on ``device``, in eval mode. This runs the code the file holds:
     only load files you trust."""
-    if path is None:
-        raise UsageError("FVD needs an I3D network: pass the TorchScript file i3d_torchscript.pt; nothing is downloaded")
-    path = Path(path)
-    problem = read_problem(path)
-    if problem:
-        raise UsageError(f"{path}: I3D TorchScript file {problem}")
-    if path.is_dir():
-        raise UsageError(f"{path}: is a folder, not an I3D TorchScript file")
+    path = _user_file(path, "I3D TorchScript file",
+                      "FVD needs an I3D network: pass the TorchScript file i3d_torchscript.pt; nothing is downloaded")
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated, but it is how the I3D is distributed
             warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated", category=DeprecationWarning)
@@ -308,6 +296,19 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+
+
+def _user_file(path: Path | str | None, what: str, when_missing: str) -> Path:
+    """``path`` as a readable file, else a one-line UsageError (``when_missing`` when no path was given)."""
+    if path is None:
+        raise UsageError(when_missing)
+    path = Path(path)
+    problem = read_problem(path)
+    if problem:
+        raise UsageError(f"{path}: {what} {problem}")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder, not an {what}")
+    return path
 
 
 def _first_line(exc: BaseException) -> str:

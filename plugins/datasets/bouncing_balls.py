@@ -8,7 +8,7 @@ import torch
 from pydantic import Field, model_validator
 
 from scdkit.hookspecs import hookimpl
-from scdkit.data import bouncing_trajectory, draw_disc, split_rng, square_grey_problems
+from scdkit.data import bouncing_trajectory, check_range, draw_disc, split_rng, square_grey_problems
 from scdkit.interfaces import Batch, ComponentConfig, VideoDataset
 
 
@@ -18,9 +18,7 @@ class BouncingBallsConfig(ComponentConfig):
 
     @model_validator(mode="after")
     def _ordered(self):
-        if self.max_balls < self.min_balls:
-            raise ValueError(f"max_balls {self.max_balls} is below min_balls {self.min_balls}")
-        return self
+        return check_range(self, "min_balls", "max_balls")
 
 
 class BouncingBalls(VideoDataset):

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field, model_validator
 
 from scdkit.hookspecs import hookimpl
-from scdkit.data import bouncing_trajectory, split_rng, square_grey_problems
+from scdkit.data import bouncing_trajectory, check_range, split_rng, square_grey_problems
 from scdkit.interfaces import Batch, ComponentConfig, ConditioningSpec, VideoDataset
 
 CLASSES = 10
@@ -42,9 +42,7 @@ class MovingDigitsConfig(ComponentConfig):
 
     @model_validator(mode="after")
     def _ordered(self):
-        if self.max_digits < self.min_digits:
-            raise ValueError(f"max_digits {self.max_digits} is below min_digits {self.min_digits}")
-        return self
+        return check_range(self, "min_digits", "max_digits")
 
 
 class MovingDigits(VideoDataset):

@@ -111,10 +111,12 @@ def _continuation_needs(command: str, config, frames: int | None = None):
     return needs
 
 
-def _pipeline(args, load: bool = True, steps: int | None = None, needs=None):
+def _pipeline(args, load: bool = True, steps: int | None = None, needs=None, reads: tuple = ()):
     """Build the pipeline the options name, check the memory the work ``needs`` (a function of the pipeline:
     bytes, what, hint; see ``scdkit.memory``) and the sampling ``steps`` it will use, then say where it runs
-    (after every check, so that an error stays one line)."""
+    (after every check, so that an error stays one line). A command that reads data gets its data set in
+    ``args.dataset``, and one clip of each (split, frames) in ``reads`` is drawn first: a folder with nothing
+    usable fails here, before a run folder is made or anything is said."""
     from scdkit.memory import check_fits
     from scdkit.registry import load_registry
 
@@ -130,6 +132,8 @@ def _pipeline(args, load: bool = True, steps: int | None = None, needs=None):
     pipeline.sampling_times(steps)
     if hasattr(args, "data"):  # the commands that read data: their data set, checked before anything is said
         args.dataset = _data(args, registry, name, pipeline)
+        for split, frames in reads:
+            args.dataset.clips(1, frames, split=split)
     _say(where)
     if args.attention:
         _say(pipeline.attention)
@@ -209,7 +213,7 @@ def _train(args, config, ranks) -> int:
     from scdkit.files import check_writable
     from scdkit.registry import load_registry
     from scdkit.runs import STATE, manifest_encoder
-    from scdkit.train import micro_batch_size, train
+    from scdkit.train import HELD_OUT_CHECK_FRAMES, micro_batch_size, train
 
     registry = load_registry(args.registry)
     name = args.pipeline or registry.default_pipeline
@@ -234,7 +238,8 @@ def _train(args, config, ranks) -> int:
     clips = micro_batch_size(config, ranks.world)  # what one backward holds at once
     registry, name, pipeline = _pipeline(args, load=False, needs=lambda p: (
         training_bytes(p.frame, clips, config.frames, config.recipe.noise_draws),
-        f"train --batch {config.batch} --frames {config.frames}", "use a smaller --batch or --frames, or --accumulate"))
+        f"train --batch {config.batch} --frames {config.frames}", "use a smaller --batch or --frames, or --accumulate"),
+        reads=(("train", config.frames), *((("test", HELD_OUT_CHECK_FRAMES),) if config.eval_every else ())))
     freeze = [role.strip() for item in args.freeze for role in item.split(",") if role.strip()]
     names = registry.role_names(name, args.encoder)
     processes = (f"; {ranks.world} processes ({config.parallel}, {config.batch // ranks.world} clips each per step)"
@@ -257,7 +262,8 @@ def cmd_generate(args) -> int:
     if args.video:
         check_video_support(Path(args.video))
         check_writable(args.video, "--video")
-    registry, name, pipeline = _pipeline(args, steps=config.steps, needs=_continuation_needs("generate", config))
+    registry, name, pipeline = _pipeline(args, steps=config.steps, needs=_continuation_needs("generate", config),
+                                         reads=(("test", config.context + config.frames),))
     run_generate(pipeline, args.dataset, config, gif=Path(args.gif),
                  video=Path(args.video) if args.video else None, as_json=args.json, console=console,
                  lpips=Path(args.lpips) if args.lpips else None, i3d=Path(args.i3d) if args.i3d else None)
@@ -336,7 +342,8 @@ def cmd_encode(args) -> int:
     config = model_from_args(EncodeConfig, args)
     out = Path(args.out)
     check_writable(out, args.overwrite)  # before any work
-    registry, name, pipeline = _pipeline(args, needs=_continuation_needs("encode", config))
+    registry, name, pipeline = _pipeline(args, needs=_continuation_needs("encode", config),
+                                         reads=(("test", config.frames),))
     cache = encode(pipeline, args.dataset, config, registry.pipelines[name].encoder)
     write_cache(cache, out, args.overwrite)
     info = cache.info

@@ -24,9 +24,11 @@ def _bounce(pos: float, vel: float, lo: float, hi: float) -> tuple[float, float]
     return pos, vel
 
 
-def bouncing_trajectory(rng: np.random.Generator, frames: int, span: float, speed: tuple[float, float]) -> np.ndarray:
-    """Positions [frames, 2] moving at constant speed inside [0, span], bouncing at the edges."""
-    pos = rng.uniform(0, span, size=2)
+def bouncing_trajectory(rng: np.random.Generator, frames: int, span: float, speed: tuple[float, float],
+                        centred: bool = False) -> np.ndarray:
+    """Positions [frames, 2] moving at constant speed inside [0, span], bouncing at the edges; starting at a
+    random position, or at the centre when ``centred``."""
+    pos = np.full(2, span / 2) if centred else rng.uniform(0, span, size=2)
     angle = rng.uniform(0, 2 * np.pi)
     v = rng.uniform(*speed) * np.array([np.cos(angle), np.sin(angle)])
     out = np.empty((frames, 2))

@@ -10,6 +10,11 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
+def install_hint(extra: str) -> str:
+    """How to install one of scdkit's extras, from PyPI and from a clone (constraints.txt pins the CPU torch)."""
+    return f"pip install 'scdkit[{extra}]' (from a clone: pip install -c constraints.txt -e \".[{extra}]\")"
+
+
 class ScdkitError(Exception):
     """Base class: the message alone must tell the user what is wrong and where."""
 

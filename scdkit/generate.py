@@ -17,7 +17,7 @@ from rich.table import Table
 from torch import Tensor
 
 from scdkit.data import as_dataset
-from scdkit.errors import NotFinite, UsageError
+from scdkit.errors import NotFinite, UsageError, install_hint
 from scdkit.evaluate import EvalConfig, Evaluation, evaluate_continuation, held_out_clips
 from scdkit.files import atomic_path
 from scdkit.interfaces import Batch, VideoDataset
@@ -51,7 +51,7 @@ def write_gif(path: Path, frames: list[np.ndarray], frame_ms: int = 250) -> None
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
 
 
-VIDEO_HINT = "pip install 'scdkit[video]' (from a clone: pip install -c constraints.txt -e \".[video]\")"
+VIDEO_HINT = install_hint("video")
 
 
 def check_video_support(path: Path) -> None:
@@ -191,6 +191,9 @@ def print_report(report: dict, console: Console) -> None:
                        ("fvd", f"FVD of the {report['generated_frames']} generated frames against the true ones")):
         if key in report:
             console.print(f"{label}: " + ", ".join(f"{names[who]} {value:.3f}" for who, value in report[key].items()))
+    if report.get("guidance") is not None:
+        console.print(f"sampled with classifier-free guidance {report['guidance']:g} (the unconditional branch: noisy "
+                      "encoder features and the null label)")
     if "state_error_first4" in report:
         console.print("state error (pixels from each true object centre to the nearest blob found) over the first "
                       f"{first} frames: " + ", ".join(f"{names[who]} {value:.2f}"

@@ -51,6 +51,11 @@ from scdkit.runs import (STATE, Source, checkpoint_files, init_components, load_
                          trained_weights, write_manifest)
 
 
+#: The held-out check during training: 4 true frames of context, 4 generated (8 frames per held-out clip).
+HELD_OUT_CHECK = EvalConfig(frames=4)
+HELD_OUT_CHECK_FRAMES = HELD_OUT_CHECK.context + HELD_OUT_CHECK.frames
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(1500, ge=1, description="total optimizer steps (a resumed run continues up to it)")
@@ -388,7 +393,7 @@ class Trainer:
             save_file(grads | weights, str(folder / f"step-{self.step}.safetensors"))
 
     def evaluate(self) -> dict[str, float]:
-        result = evaluate_continuation(self.ema, self.data, EvalConfig(frames=4, steps=self.config.eval_steps))
+        result = evaluate_continuation(self.ema, self.data, HELD_OUT_CHECK.model_copy(update={"steps": self.config.eval_steps}))
         return {"psnr": result.model.mean()["psnr"], "repeat_last_psnr": result.repeat_last.mean()["psnr"],
                 "constant_velocity_psnr": result.constant_velocity.mean()["psnr"],
                 "sharpness": result.model.mean()["sharpness"], "true_sharpness": sum(result.truth_sharpness) / 4}

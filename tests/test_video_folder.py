@@ -304,3 +304,18 @@ def test_a_folder_of_bad_files_exits_2_with_one_line(tmp_path, capsys):
     [error] = [line for line in err.splitlines() if "error" in line]
     assert error == (f"scdkit: error: video-folder {footage}: no usable video for split 'test' (2 files: "
                      "1 empty, 1 not a video)")
+
+
+def test_train_on_a_folder_of_bad_files_stops_before_it_starts(tmp_path, capsys):
+    """The data is drawn from before anything is said or made: no run folder, no 'training ... into' line."""
+    footage = tmp_path / "footage"
+    footage.mkdir()
+    (footage / "empty.mp4").touch()
+    out = tmp_path / "run"
+    code = main(["train", "--registry", str(registry(tmp_path, footage)), "--data", "clips", "--device", "cpu",
+                 "--steps", "2", "--batch", "2", "--frames", "3", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    assert not out.exists() and "training" not in captured.out
+    [error] = [line for line in captured.err.splitlines() if "error" in line]
+    assert error == f"scdkit: error: video-folder {footage}: no usable video for split 'train' (1 file: 1 empty)"

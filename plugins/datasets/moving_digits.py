@@ -2,7 +2,7 @@
 frame edges (Moving-MNIST style), overlaid by max. The label of a clip is the class of its first digit.
 
 ``blank_frames`` empty frames before the digits appear make a class-conditioned test bed: continuing a blank
-context, a model can draw the digit from its label alone.
+context, a model can draw the digit from its label alone (with ``centred_start``, where it appears is known too).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class MovingDigitsConfig(ComponentConfig):
     min_digits: int = Field(1, ge=1, description="fewest digits in a clip")
     max_digits: int = Field(2, ge=1, description="most digits in a clip")
     blank_frames: int = Field(0, ge=0, description="empty frames at the start of every clip, before the digits appear")
+    centred_start: bool = Field(False, description="digits start at the centre of the frame (then move as usual)")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -58,13 +59,14 @@ class MovingDigits(VideoDataset):
         return square_grey_problems(self.plugin_name, self.frame)
 
     def clips(self, count: int, frames: int, split: str = "train", seed: int = 0) -> Batch:
-        video, labels = moving_digits(count, frames, self.frame.height, (self.config.min_digits, self.config.max_digits),
-                                      split, seed, self.config.blank_frames)
+        cfg = self.config
+        video, labels = moving_digits(count, frames, self.frame.height, (cfg.min_digits, cfg.max_digits), split, seed,
+                                      cfg.blank_frames, cfg.centred_start)
         return Batch(video, labels)
 
 
 def moving_digits(clips: int, frames: int, size: int = 32, digits: tuple[int, int] = (1, 2), split: str = "train",
-                  seed: int = 0, blank_frames: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: int = 0, blank_frames: int = 0, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Video [clips frames 1 size size] and the class of each clip's first digit [clips]."""
     side = sprite_size(size)
     sprites, classes = digit_sprites(side)
@@ -80,7 +82,7 @@ def moving_digits(clips: int, frames: int, size: int = 32, digits: tuple[int, in
             index = rng.choice(pool)
             if d == 0:
                 labels[c] = classes[index]
-            path = np.rint(bouncing_trajectory(rng, moving, span, (1.0, 2.5))).astype(int)
+            path = np.rint(bouncing_trajectory(rng, moving, span, (1.0, 2.5), centred)).astype(int)
             for f, (y, x) in enumerate(path, start=blank_frames):
                 window = video[c, f, 0, y:y + side, x:x + side]
                 np.maximum(window, sprites[index], out=window)

@@ -42,7 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
 from scdkit.data import split_rng
-from scdkit.errors import UsageError
+from scdkit.errors import UsageError, install_hint
 from scdkit.files import atomic_path, read_problem, write_text_atomic
 from scdkit.hookspecs import hookimpl
 from scdkit.interfaces import Batch, ComponentConfig, ConditioningSpec, FrameSpec, Split, VideoDataset
@@ -155,7 +155,7 @@ def decode_video(path: Path, frame: FrameSpec) -> np.ndarray:
     try:
         import av
     except ImportError:
-        raise UsageError(f"video-folder: reading {path} needs PyAV: pip install 'scdkit[video]'") from None
+        raise UsageError(f"video-folder: reading {path} needs PyAV: {install_hint('video')}") from None
     pixels = "gray" if frame.channels == 1 else "rgb24"
     with av.open(str(path)) as container:
         if not container.streams.video:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from scdkit.errors import install_hint as extra_install_hint
 from scdkit.hookspecs import hookimpl
 
 ENV_VAR = "SCDKIT_ATTENTION"
@@ -150,7 +151,7 @@ BUILTIN_BACKENDS = (
     AttentionBackend("sdpa", sdpa_attention),
     AttentionBackend("eager", eager_attention),
     AttentionBackend("chunked", chunked_attention),
-    AttentionBackend("flash", flash_attention, flash_unavailable, install_hint="pip install 'scdkit[flash]' (from a clone: pip install -e \".[flash]\")"),
+    AttentionBackend("flash", flash_attention, flash_unavailable, install_hint=extra_install_hint("flash")),
 )
 
 

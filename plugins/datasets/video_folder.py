@@ -377,6 +377,9 @@ class VideoFolder(VideoDataset):
         test = held_out_names([v.source.name for v in usable], self.config.held_out)
         self._videos = {"train": [v for v in usable if v.source.name not in test],
                         "test": [v for v in usable if v.source.name in test]}
+        if usable:  # which files a held-out score comes from is worth knowing (split by file: few, at first)
+            print(f"video-folder {self.root}: {len(usable)} usable file(s); held out (split 'test'): "
+                  f"{', '.join(sorted(test)) or 'none'}", file=sys.stderr)
         return self._videos
 
     def _decode_all(self, pending: list[tuple[Source, Path]]) -> list[Decoded]:

@@ -379,11 +379,16 @@ class VideoDataset(Component, ABC):
               shard: tuple[int, int] = (0, 1)) -> Batch:
         """Shard ``rank`` of ``world`` (``shard``) of the batch ``clips(count, ...)``: clips
         [rank·count/world, (rank+1)·count/world). Data sets that can make a part alone override it."""
-        rank, world = shard
-        if count % world:
-            raise ValueError(f"a batch of {count} clips does not split into {world} equal shards")
-        part = count // world
-        return self.clips(count, frames, split, seed).clips(rank * part, (rank + 1) * part)
+        return self.clips(count, frames, split, seed).clips(*shard_range(count, shard))
+
+
+def shard_range(count: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """[start, stop) of shard ``(rank, world)`` of ``count`` clips; a ValueError unless they split evenly."""
+    rank, world = shard
+    if count % world:
+        raise ValueError(f"a batch of {count} clips does not split into {world} equal shards")
+    part = count // world
+    return rank * part, (rank + 1) * part
 
 
 # -- schedulers -----------------------------------------------------------------------------------

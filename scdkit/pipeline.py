@@ -164,7 +164,7 @@ class ScdModel(StreamingModel):
         self.encoder.step = torch.compile(self.encoder.step, **options)
 
     def predict(self, state: EncoderState, x_t: Tensor, t: float | Tensor) -> Tensor:
-        guidance = getattr(state, "guidance", None)
+        guidance = state.guidance  # set by new_state and decoding_state
         if guidance is None:
             return self._decode(state, x_t, t)
         if isinstance(t, Tensor):

@@ -45,7 +45,7 @@ from scdkit.data import split_rng
 from scdkit.errors import UsageError, install_hint
 from scdkit.files import atomic_path, read_problem, write_text_atomic
 from scdkit.hookspecs import hookimpl
-from scdkit.interfaces import Batch, ComponentConfig, ConditioningSpec, FrameSpec, Split, VideoDataset
+from scdkit.interfaces import Batch, ComponentConfig, ConditioningSpec, FrameSpec, Split, VideoDataset, shard_range
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mov", ".mkv", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -310,12 +310,8 @@ class VideoFolder(VideoDataset):
     def batch(self, count: int, frames: int, split: Split = "train", seed: int = 0,
               shard: tuple[int, int] = (0, 1)) -> Batch:
         """Shard ``rank`` of ``world``: the same clips as the slice of ``clips(count, ...)``, only those read."""
-        rank, world = shard
-        if count % world:
-            raise ValueError(f"a batch of {count} clips does not split into {world} equal shards")
-        part = count // world
-        plan = self._plan(count, frames, split, seed)
-        return self._assemble(plan[rank * part:(rank + 1) * part], frames)
+        start, stop = shard_range(count, shard)
+        return self._assemble(self._plan(count, frames, split, seed)[start:stop], frames)
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -230,18 +231,22 @@ def load_component(module: nn.Module, path: Path, role: str) -> dict[str, str]:
     return metadata
 
 
-def checkpoint_problems(components: dict[str, nn.Module], directory: Path) -> tuple[list[str], str]:
+def checkpoint_problems(components: dict[str, nn.Module], directory: Path,
+                        files: dict[str, Path] | None = None) -> tuple[list[str], str]:
     """Check a pipeline's checkpoint folder against its components (e.g. built on the meta device):
-    (problems, a one-line note on what the folder holds). A folder without any component file is
-    not trained yet, which is no problem."""
+    (problems, a one-line note on what the folder holds). ``files``: each role's file (default: the folder's own
+    ``ROLE.safetensors``; ``runs.checkpoint_files`` follows a run's ``run.json`` to its frozen components). A folder
+    without any component file is not trained yet, which is no problem."""
     problem = read_problem(directory)
     if problem and problem != "not found":
         return [f"{directory}: cannot read the checkpoint folder: {problem}"], f"{directory}: unreadable"
-    files = {role: Path(directory) / f"{role}.safetensors" for role in components}
+    files = files or {role: Path(directory) / f"{role}.safetensors" for role in components}
     present = [role for role, path in files.items() if path.is_file()]
     if not present:
         return [], f"{directory}: not trained yet"
-    problems = [f"{directory} holds {', '.join(f'{r}.safetensors' for r in present)} but no {role}.safetensors"
+    problems = [f"{directory} holds {', '.join(files[r].name for r in present)} but no {role}.safetensors"
+                if files[role].parent == Path(directory) else
+                f"{directory}/run.json names {os.path.normpath(files[role])} as its frozen {role}: not found"
                 for role in files if role not in present]
     steps = set()
     for role in present:
@@ -255,13 +260,13 @@ def checkpoint_problems(components: dict[str, nn.Module], directory: Path) -> tu
     return problems, f"{directory}: trained, step {', '.join(sorted(steps))}"
 
 
-def scheduler_problems(components: dict[str, nn.Module], directory: Path, scheduler) -> list[str]:
-    """``FILE: why`` for each checkpoint of a predicting component in ``directory`` that ``scheduler`` cannot
-    sample (:func:`scheduler_mismatch`). A file that cannot be read is :func:`checkpoint_problems`' to report."""
+def scheduler_problems(components: dict[str, nn.Module], files: dict[str, Path], scheduler) -> list[str]:
+    """``FILE: why`` for each checkpoint file of a predicting component (``files``: by role) that ``scheduler``
+    cannot sample (:func:`scheduler_mismatch`). A file that cannot be read is :func:`checkpoint_problems`' to report."""
     problems = []
     for role in PREDICTING_ROLES:
-        path = Path(directory) / f"{role}.safetensors"
-        if role not in components or read_problem(path):  # missing, or unreadable (no permission)
+        path = files.get(role)
+        if role not in components or path is None or read_problem(path):  # missing, or unreadable (no permission)
             continue
         try:
             problem = scheduler_mismatch(read_metadata(path), scheduler)

@@ -321,10 +321,15 @@ def validate(registry: Registry) -> list[str]:
                          for problem in component.accepts.unmet_by(data.provides)]
         directory = registry.checkpoint_dir(name)
         if directory is not None:
-            found, note = checkpoint_problems(pipeline.components, directory)
+            try:  # a run that fitted some components under frozen ones names their files in its run.json
+                files = checkpoint_files(directory, pipeline.components)
+            except CheckpointError as exc:
+                problems.append(f"{where}.checkpoint: {exc}")
+                continue
+            found, note = checkpoint_problems(pipeline.components, directory, files)
             problems += [f"{where}.checkpoint: {problem}" for problem in found]
             problems += [f"{where}.scheduler: {problem}"
-                         for problem in scheduler_problems(pipeline.components, directory, pipeline.scheduler)]
+                         for problem in scheduler_problems(pipeline.components, files, pipeline.scheduler)]
             notes.append(f"pipeline {name}: {note}")
     if problems:
         raise RegistryError(problems)

@@ -134,6 +134,22 @@ def test_decoder_fine_tuning_under_a_frozen_encoder(tmp_path):
     assert built.sources["decoder"].step == 2 and built.sources["encoder"].step == 3
 
 
+def test_validate_follows_a_run_folder_to_its_frozen_components(tmp_path, capsys):
+    """A pipeline whose checkpoint is a run that fitted its decoder under a frozen encoder validates: the encoder's
+    file is the one the run's run.json names, checked like the folder's own."""
+    registry = tiny_registry(tmp_path)
+    assert run(registry, "--init", str(tmp_path / "ckpt"), "--freeze", "encoder", "--out", str(tmp_path / "ft")) == 0
+    capsys.readouterr()
+    fitted = tmp_path / "fitted.toml"
+    fitted.write_text(registry.path.read_text().replace('checkpoint = "ckpt"', 'checkpoint = "ft"'))
+    assert main(["validate", str(fitted)]) == 0
+    assert "trained, step 2, 3" in capsys.readouterr().out
+    (tmp_path / "ckpt" / "encoder.safetensors").rename(tmp_path / "elsewhere.safetensors")  # the frozen file is gone
+    assert main(["validate", str(fitted)]) == 2
+    err = capsys.readouterr().err
+    assert "[pipelines.p].checkpoint" in err and "names" in err and "as its frozen encoder: not found" in err
+
+
 def test_training_never_replaces_trained_weights_by_accident(tmp_path, capsys):
     registry = tiny_registry(tmp_path)
     shipped = tmp_path / "ckpt"

@@ -212,7 +212,7 @@ def _quiet_unless(speaking: bool):
 def _train(args, config, ranks) -> int:
     from scdkit.files import check_writable
     from scdkit.registry import load_registry
-    from scdkit.runs import STATE, manifest_encoder
+    from scdkit.runs import STATE, manifest_encoder, read_manifest
     from scdkit.train import HELD_OUT_CHECK_FRAMES, micro_batch_size, train
 
     registry = load_registry(args.registry)
@@ -228,6 +228,10 @@ def _train(args, config, ranks) -> int:
             raise UsageError(f"--encoder {args.encoder}: the run in {out} trains encoder {recorded!r}; resume it "
                              "with that encoder, or pass --fresh")
         args.encoder = args.encoder or recorded
+        recorded_teacher = read_manifest(out).get("teacher")  # ... and the teacher it distils from
+        if recorded_teacher and not config.teacher:
+            config = config.model_copy(update={"teacher": recorded_teacher["name"],
+                                               "teacher_steps": recorded_teacher["steps"]})
     import torch
 
     from scdkit.memory import training_bytes
@@ -246,8 +250,19 @@ def _train(args, config, ranks) -> int:
                  if ranks.distributed else "")
     console.print(f"training [bold]{name}[/bold] ({', '.join(f'{r} {n}' for r, n in names.items())}; "
                   f"{sum(p.numel() for p in pipeline.parameters()):,} parameters) into {out}{processes}")
+    teacher = None
+    if config.teacher:
+        from scdkit.distill import Teacher
+
+        options, _ = _build_options(args)
+        teacher = Teacher(registry.build(config.teacher, **options), config.teacher_steps, config.teacher)
+        console.print(f"distilling from [bold]{config.teacher}[/bold] ({teacher.pipeline.scheduler.plugin_name}, "
+                      f"{len(teacher.times) - 1} steps) to {len(pipeline.sampling_times()) - 1} steps of "
+                      f"{pipeline.scheduler.plugin_name}")
+    elif config.teacher_steps:
+        raise UsageError("--teacher-steps: only with --teacher")
     train(pipeline, config, out, args.dataset, resume=not args.fresh, console=console,
-          names=names, init=args.init, freeze=freeze, overwrite=args.overwrite, ranks=ranks)
+          names=names, init=args.init, freeze=freeze, overwrite=args.overwrite, ranks=ranks, teacher=teacher)
     return 0
 
 

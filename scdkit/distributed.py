@@ -176,8 +176,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.pipeline = pipeline
 
-    def forward(self, batch, recipe, generator) -> Tensor:
-        return self.pipeline.loss(batch, recipe, generator)
+    def forward(self, batch, recipe, generator, teacher=None) -> Tensor:
+        return self.pipeline.loss(batch, recipe, generator, teacher)
 
 
 def replicate(pipeline: nn.Module, probe) -> nn.Module:

@@ -556,8 +556,9 @@ class StreamingModel(nn.Module, ABC):
 
     @abstractmethod
     def loss(self, x0: Tensor, conditioning: Conditioning, scheduler: NoiseScheduler, recipe: Recipe,
-             generator: torch.Generator | None = None) -> Tensor:
-        """Training loss on clean patches [b f n p]; every frame but the first is a target."""
+             generator: torch.Generator | None = None, teacher=None) -> Tensor:
+        """Training loss on clean patches [b f n p]; every frame but the first is a target. ``teacher``
+        (:class:`scdkit.distill.Teacher`): the targets are its samples from the loss's noise, or a UsageError."""
 
     @abstractmethod
     def new_state(self, batch: int, max_frames: int, conditioning: Conditioning,

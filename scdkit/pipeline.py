@@ -16,6 +16,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange
@@ -26,6 +27,9 @@ from scdkit.errors import UsageError
 from scdkit.interfaces import (Batch, CausalEncoder, Conditioning, EncoderState, FrameDecoder, FrameSpec,
                                NoiseScheduler, Recipe, StagedDecoder, StreamingModel, VideoModel, as_batch, given)
 from scdkit.nn.dit import TimeTable
+
+if TYPE_CHECKING:
+    from scdkit.distill import Teacher
 
 
 def patchify(video: Tensor, frame: FrameSpec) -> Tensor:
@@ -80,7 +84,7 @@ class ScdModel(StreamingModel):
         return {"encoder": self.encoder, "decoder": self.decoder}
 
     def loss(self, x0: Tensor, conditioning: Conditioning, scheduler: NoiseScheduler, recipe: Recipe,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, teacher: Teacher | None = None) -> Tensor:
         b, f = x0.shape[:2]
         context = x0
         classes = self.decoder.accepts.classes
@@ -101,6 +105,9 @@ class ScdModel(StreamingModel):
         per_frame = conditioning.frames(0, f - 1).per_frame(f - 1).repeat(draws)  # the action at frame i-1
         t = scheduler.sample_timesteps((targets.shape[0],), generator=generator, device=x0.device)
         noise = noise_like(targets, generator)
+        if teacher is not None:  # distillation (scdkit.distill): the teacher's sample from this noise, at grid times
+            targets = teacher.sample(noise, cond, per_frame, generator)
+            t = teacher.grid_times(scheduler, targets.shape[0], generator, x0.device)
         prediction = self.decoder(scheduler.add_noise(targets, noise, t), t, cond, **given(self.decoder, per_frame))
         return scheduler.training_loss(prediction, targets, noise, t).mean()
 
@@ -195,7 +202,10 @@ class MonolithicModel(StreamingModel):
         return {"model": self.model}
 
     def loss(self, x0: Tensor, conditioning: Conditioning, scheduler: NoiseScheduler, recipe: Recipe,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, teacher: Teacher | None = None) -> Tensor:
+        if teacher is not None:
+            raise UsageError(f"distillation trains an SCD decoder under a frozen encoder; {self.model.plugin_name} "
+                             "is monolithic")
         b, f = x0.shape[:2]
         t = scheduler.sample_timesteps((b, f), generator=generator, device=x0.device)
         noise = noise_like(x0, generator)
@@ -307,13 +317,14 @@ class Pipeline(nn.Module):
                                  f"([b {frames} {accepts.actions}]), got {have}")
 
     def loss(self, batch: Batch | Tensor, recipe: Recipe | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
-        """Diffusion loss on a batch of clips [b f c H W] in [0, 1]; every frame but the first is a target."""
+             generator: torch.Generator | None = None, teacher: Teacher | None = None) -> Tensor:
+        """Diffusion loss on a batch of clips [b f c H W] in [0, 1]; every frame but the first is a target.
+        With a ``teacher`` (:mod:`scdkit.distill`) the targets are its samples from the loss's noise."""
         batch = as_batch(batch).to(self.device, self.dtype)
         self.check_conditioning(batch, batch.video.shape[1])
         x0 = patchify(to_model_range(batch.video), self.frame)
         with self.autocast():
-            return self.model.loss(x0, batch.conditioning, self.scheduler, recipe or Recipe(), generator)
+            return self.model.loss(x0, batch.conditioning, self.scheduler, recipe or Recipe(), generator, teacher)
 
     @torch.no_grad()
     def generate(self, context: Batch | Tensor, frames: int, steps: int | None = None,
@@ -391,11 +402,12 @@ class Pipeline(nn.Module):
         return Generation(video, started, stamps, observed)
 
     def denoise_frame(self, state: EncoderState, batch: int, steps: int | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
-        """The next frame [batch n p] of every stream of ``state``: noise, then the scheduler's ``steps`` steps
-        with the model's prediction at each (a fresh solver state per frame). Call it under :meth:`autocast`."""
-        x = torch.randn((batch, self.frame.tokens, self.frame.patch_dim), generator=generator, device=self.device,
-                        dtype=self.dtype)
+                      generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """The next frame [batch n p] of every stream of ``state``: noise (drawn, or ``noise``), then the scheduler's
+        ``steps`` steps with the model's prediction at each (a fresh solver state per frame). Call it under
+        :meth:`autocast`."""
+        x = noise if noise is not None else torch.randn((batch, self.frame.tokens, self.frame.patch_dim),
+                                                        generator=generator, device=self.device, dtype=self.dtype)
         sampling = self.scheduler.begin(steps, self.device)
         for t in sampling.times[:-1]:
             x = self.scheduler.step(sampling, self.model.predict(state, x, t), x, generator)

@@ -94,16 +94,17 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def write_manifest(directory: Path, pipeline: str, names: dict[str, str], frozen: dict[str, dict]) -> None:
+def write_manifest(directory: Path, pipeline: str, names: dict[str, str], frozen: dict[str, dict],
+                   teacher: dict | None = None) -> None:
     """``run.json``: the pipeline, each role's registry name, and each frozen component's identity (name,
     plugin, step, digest) with the path of its file, relative to the folder (both move together) and
-    absolute (the folder moves alone)."""
+    absolute (the folder moves alone); a distillation's ``teacher`` (``distill.teacher_identity``)."""
     directory = Path(directory)
     entries = {role: {k: v for k, v in entry.items() if k != "path"}
                | {"path": os.path.relpath(Path(entry["path"]).resolve(), directory.resolve()),
                   "absolute_path": str(Path(entry["path"]).resolve())}
                for role, entry in frozen.items()}
-    manifest = {"pipeline": pipeline, "components": names, "frozen": entries}
+    manifest = {"pipeline": pipeline, "components": names, "frozen": entries} | ({"teacher": teacher} if teacher else {})
     write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 

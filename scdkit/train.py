@@ -40,6 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from scdkit.checkpoint import (atomic_save, load_component, read_checkpoint, read_metadata, save_component,
                                scheduler_metadata, shape_problems, weights_digest)
 from scdkit.data import as_dataset
+from scdkit.distill import Teacher, check_student, teacher_identity
 from scdkit.distributed import (Ranks, full, full_optimizer_state, full_state_dict, gradient_sync, load_full_optimizer_state,
                                 load_full_state_dict, local, replicate, shard)
 from scdkit.errors import CheckpointError, Interrupted, TrainingDiverged, UsageError
@@ -79,6 +80,10 @@ class TrainConfig(BaseModel):
     freeze_encoder_after: int | None = Field(
         None, ge=0, description="train jointly for this many steps, then freeze the encoder at its EMA weights "
         "and train the decoder alone (the seed's recipe; default: never)")
+    teacher: str | None = Field(None, description="distil a few-step decoder: the registry pipeline whose samples the "
+                                "decoder learns to reach in its scheduler's steps, under the teacher's frozen encoder "
+                                "(--init its checkpoint, --freeze encoder; scdkit.distill)")
+    teacher_steps: int | None = Field(None, ge=1, description="the teacher's sampling steps (default: its scheduler's)")
     recipe: Recipe = Recipe()
 
 
@@ -116,13 +121,14 @@ class Trainer:
 
     def __init__(self, pipeline: Pipeline, config: TrainConfig, out: Path, data: VideoDataset | str,
                  console: Console | None = None, names: dict[str, str] | None = None,
-                 frozen: dict[str, Source] | None = None, ranks: Ranks | None = None):
+                 frozen: dict[str, Source] | None = None, ranks: Ranks | None = None, teacher: Teacher | None = None):
         self.pipeline, self.config, self.out, self.data = pipeline, config, Path(out), as_dataset(data, pipeline.frame)
         self.ranks = ranks or Ranks()
         micro_batch_size(config, self.ranks.world)
         self.console = console or Console(quiet=not self.ranks.main)
         self.names = names or {role: module.plugin_name for role, module in pipeline.components.items()}
         self.frozen = frozen or {}
+        self.teacher = teacher  # distillation: the loss's targets are its samples (scdkit.distill)
         self.trained = [role for role in pipeline.components if role not in self.frozen]
         for role in self.frozen:
             pipeline.components[role].requires_grad_(False)
@@ -323,7 +329,8 @@ class Trainer:
             if self.replicated is not None:
                 self.replicated._remove_autograd_hooks()
             def probe():
-                return self.pipeline.loss(batch, self.config.recipe, self.pipeline.generator(self.config.seed))
+                return self.pipeline.loss(batch, self.config.recipe, self.pipeline.generator(self.config.seed),
+                                          self.teacher)
             self.replicated, self.replicated_for = replicate(self.pipeline, probe), trains
         return self.replicated
 
@@ -354,7 +361,7 @@ class Trainer:
             micro = batch if cfg.accumulate == 1 else batch.clips(j * size, (j + 1) * size)
             last = j == cfg.accumulate - 1
             with gradient_sync(replicated, sharded, last):
-                loss = compute(micro, cfg.recipe, generator)
+                loss = compute(micro, cfg.recipe, generator, self.teacher)
                 total += loss.item()
                 self.scaler.scale(loss if cfg.accumulate == 1 else loss / cfg.accumulate).backward()
         value = ranks.mean(total / cfg.accumulate)  # every rank sees the same value, finite or not
@@ -484,11 +491,13 @@ def fault_point(name: str, step: int) -> None:
 
 def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: VideoDataset | str, resume: bool = True,
           console: Console | None = None, names: dict[str, str] | None = None, init: list[str] = (),
-          freeze: list[str] = (), overwrite: bool = False, ranks: Ranks | None = None) -> Trainer:
+          freeze: list[str] = (), overwrite: bool = False, ranks: Ranks | None = None,
+          teacher: Teacher | None = None) -> Trainer:
     """Train ``pipeline`` (built, not loaded) into ``out``: resume its training state if there is one, else
     start from ``init`` (``runs.init_components``) with the ``freeze`` roles frozen. Refuses to replace
     trained weights it did not write (a folder with weights but no training state) unless ``overwrite``.
-    Under torchrun (``ranks``), every rank reads what it needs; rank 0 alone locks the folder and writes."""
+    Under torchrun (``ranks``), every rank reads what it needs; rank 0 alone locks the folder and writes.
+    ``teacher``: distil the decoder from its samples (:mod:`scdkit.distill`)."""
     out = Path(out)
     ranks = ranks or Ranks()
     console = console or Console(quiet=not ranks.main)
@@ -502,6 +511,11 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: VideoDataset
     ranks.agree(resuming, f"whether {out} holds a training state to resume")
     if resuming:
         frozen = _frozen_on_resume(pipeline, out, init, freeze)
+        recorded, given = read_manifest(out).get("teacher"), None if teacher is None else teacher_identity(teacher)
+        if recorded != given:
+            were = f"distilled from {recorded['name']!r} ({recorded['steps'] or 'its'} steps)" if recorded else "trained without a teacher"
+            raise UsageError(f"{out}: the run was {were}; resume it the same way (this teacher differs: "
+                             f"{given['name'] if given else 'none'}), or pass --fresh")
     else:
         if not (out / STATE).exists():  # a run folder of ours is started over only by --fresh
             _check_replaceable(out, overwrite)
@@ -517,6 +531,8 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: VideoDataset
     if config.freeze_encoder_after is not None and ("encoder" not in pipeline.components or freeze):
         raise UsageError("--freeze-encoder-after: only for joint training of an encoder and a decoder "
                          f"({'nothing may be frozen from the start' if freeze else 'this pipeline has no encoder'})")
+    if teacher is not None:
+        check_student(pipeline, teacher, frozen)
     lock = None
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -528,7 +544,7 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: VideoDataset
                 path.unlink(missing_ok=True)
             console.print(f"removed {len(stale)} temporary file{'s' * (len(stale) > 1)} ({size / 2**20:.1f} MB) that an "
                           f"interrupted run left in {out}")
-    trainer = Trainer(pipeline, config, out, data, console, names=names, frozen=frozen, ranks=ranks)
+    trainer = Trainer(pipeline, config, out, data, console, names=names, frozen=frozen, ranks=ranks, teacher=teacher)
     if resuming:
         try:
             trainer.resume()
@@ -543,7 +559,8 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: VideoDataset
     log = out / "train_log.jsonl"
     if ranks.main:
         write_manifest(out, pipeline.name, names, {role: trainer.identity(role) | {"path": source.path}
-                                                   for role, source in frozen.items()})
+                                                   for role, source in frozen.items()},
+                       teacher=None if teacher is None else teacher_identity(teacher))
         if not resuming:
             set_aside(log)
         trim_log(log, trainer.step)

@@ -1,6 +1,7 @@
 """Few-step sampling of a trained pipeline: streaming speed against quality, per step count and time shift.
 
     nice -n 19 python benchmarks/few_step.py --pipeline scd-digits
+    python benchmarks/few_step.py --steps 8 10 --shifts 2 --student scd-digits-fast   # with a distilled decoder
 
 For each (steps, shift, grid) of ``flow-match-euler``: quality on the main job's held-out clips (``scdkit generate``'s 16 clips, 4 context
 -> 8 frames, seed 0) and the steady batch-1 streaming latency (median over ``--runs`` timed runs, each after a
@@ -41,6 +42,10 @@ def parse_args(argv):
     parser.add_argument("--runs", type=int, default=5, help="timed streaming runs per setting (median)")
     parser.add_argument("--stream-frames", type=int, default=24, help="frames streamed per timed run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--student", default=None, help="also a pipeline with a distilled few-step decoder (e.g. "
+                        "scd-digits-fast), sampled with its own scheduler, against the same reference")
+    parser.add_argument("--student-checkpoint", default=None, help="its checkpoint folder (default: its own)")
+    parser.add_argument("--student-steps", type=int, nargs="+", default=[1, 2])
     return parser.parse_args(argv)
 
 
@@ -56,23 +61,38 @@ def main(argv=None) -> None:
     pipeline = registry.build(args.pipeline, checkpoint=args.checkpoint)
     data = registry.dataset(args.pipeline)
     base = pipeline.scheduler
-    reference_setting = (args.reference_steps, 1.0, "uniform")
-    settings = [reference_setting] + [(s, shift, grid) for grid in args.grids for shift in args.shifts for s in args.steps]
+    # a setting: (pipeline name, steps, shift, grid); the student samples with its own scheduler's shift and grid
+    reference_setting = (args.pipeline, args.reference_steps, 1.0, "uniform")
+    settings = [reference_setting] + [(args.pipeline, s, shift, grid)
+                                      for grid in args.grids for shift in args.shifts for s in args.steps]
+    pipelines = {args.pipeline: pipeline}
+    if args.student:
+        pipelines[args.student] = registry.build(args.student, checkpoint=args.student_checkpoint)
+        own = pipelines[args.student].scheduler.config
+        settings += [(args.student, s, getattr(own, "shift", 1.0), getattr(own, "grid", "-")) for s in args.student_steps]
+
+    def use(setting):
+        name, steps, shift, grid = setting
+        chosen = pipelines[name]
+        if name == args.pipeline:
+            chosen.scheduler = variant(base, shift, grid)
+        return chosen, steps
+
     quality = {}
-    for steps, shift, grid in settings:
-        pipeline.scheduler = variant(base, shift, grid)
-        result = evaluate_continuation(pipeline, data, EvalConfig(steps=steps))
+    for setting in settings:
+        chosen, steps = use(setting)
+        result = evaluate_continuation(chosen, data, EvalConfig(steps=steps))
         true_sharpness = sum(result.truth_sharpness) / len(result.truth_sharpness)
-        quality[steps, shift, grid] = {"psnr4": result.model.mean(4)["psnr"], "ssim4": result.model.mean(4)["ssim"],
-                                 "sharpness": result.model.mean()["sharpness"] / true_sharpness,
-                                 "references": {"repeat-last": result.repeat_last.mean(4)["psnr"],
-                                                "constant velocity": result.constant_velocity.mean(4)["psnr"]}}
+        quality[setting] = {"psnr4": result.model.mean(4)["psnr"], "ssim4": result.model.mean(4)["ssim"],
+                            "sharpness": result.model.mean()["sharpness"] / true_sharpness,
+                            "references": {"repeat-last": result.repeat_last.mean(4)["psnr"],
+                                           "constant velocity": result.constant_velocity.mean(4)["psnr"]}}
     clip = held_out_clips(data, 1, 4 + args.stream_frames, seed=99).context(4)
     latency = {setting: [] for setting in settings}
     for _ in range(args.runs):
-        for steps, shift, grid in settings:
-            pipeline.scheduler = variant(base, shift, grid)
-            latency[steps, shift, grid].append(time_streaming(pipeline, clip, args.stream_frames, steps).per_frame_s)
+        for setting in settings:
+            chosen, steps = use(setting)
+            latency[setting].append(time_streaming(chosen, clip, args.stream_frames, steps).per_frame_s)
     reference = quality[reference_setting]
     refs = ", ".join(f"{name} {value:.2f} dB" for name, value in reference["references"].items())
     print(f"<!-- {datetime.date.today()} · {' '.join(['python benchmarks/few_step.py', *sys.argv[1:]])} · "
@@ -80,15 +100,15 @@ def main(argv=None) -> None:
     print(f"{args.pipeline}: PSNR/SSIM over the first 4 of 8 generated frames (16 held-out clips; {refs}); "
           "sharpness over all 8, as a ratio to the true frames'; batch-1 streaming, median of "
           f"{args.runs} runs of {args.stream_frames} frames.\n")
-    print("| steps | shift | grid | ms/frame | frames/s | PSNR | SSIM | sharpness | meets the bar |")
-    print("|---:|---:|:---|---:|---:|---:|---:|---:|:---|")
+    print("| pipeline | steps | shift | grid | ms/frame | frames/s | PSNR | SSIM | sharpness | meets the bar |")
+    print("|:---|---:|---:|:---|---:|---:|---:|---:|---:|:---|")
     for setting in settings:
-        steps, shift, grid = setting
+        name, steps, shift, grid = setting
         q, ms = quality[setting], 1000 * statistics.median(latency[setting])
         meets = (q["psnr4"] >= reference["psnr4"] - args.psnr_tolerance
                  and SHARPNESS_BAR[0] <= q["sharpness"] <= SHARPNESS_BAR[1])
-        print(f"| {steps} | {shift:g} | {grid} | {ms:.1f} | {1000 / ms:.0f} | {q['psnr4']:.2f} | {q['ssim4']:.3f} | "
-              f"{q['sharpness']:.2f}x | {'yes' if meets else 'no'} |")
+        print(f"| {name} | {steps} | {shift:g} | {grid} | {ms:.1f} | {1000 / ms:.0f} | {q['psnr4']:.2f} | "
+              f"{q['ssim4']:.3f} | {q['sharpness']:.2f}x | {'yes' if meets else 'no'} |")
 
 
 if __name__ == "__main__":

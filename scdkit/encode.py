@@ -37,7 +37,7 @@ import scdkit
 from scdkit.checkpoint import atomic_save, read_checkpoint, weights_digest
 from scdkit.errors import UsageError
 from scdkit.evaluate import EvalConfig, Scores, held_out_clips
-from scdkit.generate import scores_table
+from scdkit.generate import print_whole, scores_table
 from scdkit.data import as_dataset
 from scdkit.interfaces import Batch, CondSpec, Conditioning, FrameSpec, VideoDataset, given
 from scdkit.metrics import sharpness_per_frame
@@ -265,5 +265,5 @@ def print_render(result: Render, console: Console) -> None:
              "the one before (frame 2: repeated)")
     scores = {"render": vars(result.model), "last": vars(result.repeat_last),
               "velocity": vars(result.constant_velocity)}
-    console.print(scores_table(title, [str(f + 2) for f in range(pairs)], scores, result.truth_sharpness))
+    print_whole(console, scores_table(title, [str(f + 2) for f in range(pairs)], scores, result.truth_sharpness))
     console.print(f"decoded {clips * pairs} frames in {result.seconds:.2f} s; the encoder did not run")

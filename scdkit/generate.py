@@ -144,8 +144,21 @@ def scores_table(title: str, frames: list[str], scores: dict[str, dict[str, list
         table.add_column(name, justify="right")
     for f, frame in enumerate(frames):
         table.add_row(frame, *[fmt.format(values[f]) for _, values, fmt in columns])
-    table.add_row("mean", *[fmt.format(sum(values) / len(values)) for _, values, fmt in columns], style="bold")
+    table.add_row(f"mean of {len(frames)}", *[fmt.format(sum(values) / len(values)) for _, values, fmt in columns],
+                  style="bold")
     return table
+
+
+def print_whole(console, table: Table) -> None:
+    """Print ``table`` uncut: piped or redirected output (80 columns to rich) gets the width the table needs;
+    a terminal keeps its own width."""
+    from rich.measure import Measurement
+
+    needed = Measurement.get(console, console.options.update_width(1000), table).maximum
+    if console.is_terminal or needed <= console.width:
+        console.print(table)
+    else:  # rich caps a print's width at its console's
+        Console(file=console.file, width=needed, quiet=console.quiet, color_system=console.color_system).print(table)
 
 
 def perceptual_scores(result: Evaluation, metrics: list[str], lpips: Path | None, i3d: Path | None) -> dict:
@@ -173,7 +186,7 @@ def print_report(report: dict, console: Console) -> None:
              "velocity")
     frames = [f"+{f + 1}" for f in range(report["generated_frames"])]
     scores = {"model": report["model"]} | {column: report[who] for who, (_, column) in REFERENCES.items()}
-    console.print(scores_table(title, frames, scores, report["true_sharpness"]))
+    print_whole(console, scores_table(title, frames, scores, report["true_sharpness"]))
     first4, first = report["psnr_first4"], min(4, report["generated_frames"])
     model = first4["model"]
     against = " and ".join(f"{'beats' if model > first4[who] else 'does NOT beat'} {name} {first4[who]:.2f} dB "

@@ -149,3 +149,18 @@ def test_auto_device_says_which(tmp_path, capsys):
     assert main(["--threads", "1", "train", "--registry", str(path), "--steps", "1", "--batch", "1", "--frames", "2",
                  "--eval-every", "0", "--out", str(tmp_path / "run"), "--precision", "bf16"]) == 0
     assert "device: auto picked cpu (no cuda or mps), bf16 autocast" in capsys.readouterr().err
+
+
+def test_a_distillation_step_makes_every_tensor_on_the_pipelines_device():
+    """The teacher's sampling, the student's grid times and the pair check (scdkit.distill) under a meta default."""
+    from scdkit.distill import Teacher, pair_problem
+
+    registry = load_registry(REPO / "registry.toml")
+    teacher = Teacher(registry.build("scd-digits", device="cpu"), steps=2)
+    student = registry.build("scd-digits-fast", device="cpu")
+    batch = load_dataset("moving-digits", student.frame).clips(2, 3)
+    with default_device_meta():
+        assert pair_problem(student.scheduler) is None
+        loss = student.loss(batch, Recipe(), student.generator(0), teacher)
+        loss.backward()
+        assert loss.device.type == "cpu" and torch.isfinite(loss)

@@ -248,7 +248,7 @@ def checkpoint_problems(components: dict[str, nn.Module], directory: Path,
                 if files[role].parent == Path(directory) else
                 f"{directory}/run.json names {os.path.normpath(files[role])} as its frozen {role}: not found"
                 for role in files if role not in present]
-    steps = set()
+    steps = {}
     for role in present:
         try:
             found, metadata = checkpoint_mismatches(components[role], files[role], role)
@@ -256,8 +256,10 @@ def checkpoint_problems(components: dict[str, nn.Module], directory: Path,
             problems.append(str(exc))
             continue
         problems += [f"{files[role]}: {problem}" for problem in found]
-        steps.add(metadata.get("step", "?"))
-    return problems, f"{directory}: trained, step {', '.join(sorted(steps))}"
+        steps[role] = metadata.get("step", "?")
+    if len(set(steps.values())) <= 1:
+        return problems, f"{directory}: trained, step {', '.join(set(steps.values()))}"
+    return problems, f"{directory}: trained, " + ", ".join(f"{role} step {step}" for role, step in steps.items())
 
 
 def scheduler_problems(components: dict[str, nn.Module], files: dict[str, Path], scheduler) -> list[str]:

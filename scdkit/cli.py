@@ -255,9 +255,13 @@ def _train(args, config, ranks) -> int:
         from scdkit.distill import Teacher
 
         options, _ = _build_options(args)
+        if config.teacher not in registry.pipelines:
+            raise UsageError(f"--teacher {config.teacher}: not a pipeline of {registry.path} "
+                             f"({', '.join(registry.pipelines)})")
         teacher = Teacher(registry.build(config.teacher, **options), config.teacher_steps, config.teacher)
+        steps = len(pipeline.sampling_times()) - 1
         console.print(f"distilling from [bold]{config.teacher}[/bold] ({teacher.pipeline.scheduler.plugin_name}, "
-                      f"{len(teacher.times) - 1} steps) to {len(pipeline.sampling_times()) - 1} steps of "
+                      f"{len(teacher.times) - 1} steps) to {steps} step{'s' * (steps > 1)} of "
                       f"{pipeline.scheduler.plugin_name}")
     elif config.teacher_steps:
         raise UsageError("--teacher-steps: only with --teacher")

@@ -110,5 +110,5 @@ def teacher_identity(teacher: Teacher) -> dict:
     """What a run's ``run.json`` records of its teacher: resuming continues with the same one."""
     from scdkit.checkpoint import weights_digest
 
-    return {"name": teacher.name, "steps": teacher.steps,
+    return {"name": teacher.name, "steps": len(teacher.times) - 1,
             "decoder_sha256": weights_digest(teacher.pipeline.components["decoder"])}

@@ -513,9 +513,12 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: VideoDataset
         frozen = _frozen_on_resume(pipeline, out, init, freeze)
         recorded, given = read_manifest(out).get("teacher"), None if teacher is None else teacher_identity(teacher)
         if recorded != given:
-            were = f"distilled from {recorded['name']!r} ({recorded['steps'] or 'its'} steps)" if recorded else "trained without a teacher"
-            raise UsageError(f"{out}: the run was {were}; resume it the same way (this teacher differs: "
-                             f"{given['name'] if given else 'none'}), or pass --fresh")
+            def said(who):
+                return (f"{who['name']!r} at {who['steps']} steps (decoder sha256 {who['decoder_sha256'][:12]})" if who
+                        else "no teacher")
+            raise UsageError(f"{out}: the run was distilled from {said(recorded)}, this one would be from {said(given)}; "
+                             "resume it the same way, or pass --fresh" if recorded else
+                             f"{out}: the run was trained without a teacher; resume it without --teacher, or pass --fresh")
     else:
         if not (out / STATE).exists():  # a run folder of ours is started over only by --fresh
             _check_replaceable(out, overwrite)

@@ -120,14 +120,16 @@ def test_run_json_records_the_teacher_and_resuming_keeps_it(tmp_path, capsys):
     out = tmp_path / "student"
     assert distil(registry, "--init", str(tmp_path / "ckpt"), "--freeze", "encoder", "--teacher", "p",
                   "--teacher-steps", "3", "--out", str(out)) == 0
-    assert "distilling from p (flow-match-euler, 3 steps) to 1 steps" in capsys.readouterr().out
+    assert "distilling from p (flow-match-euler, 3 steps) to 1 step of flow-match-euler" in capsys.readouterr().out
     recorded = read_manifest(out)["teacher"]
     assert recorded["name"] == "p" and recorded["steps"] == 3 and len(recorded["decoder_sha256"]) == 64
     assert json.loads((out / "run.json").read_text())["frozen"]["encoder"]["step"] == 3
     assert distil(registry, "--out", str(out), steps=3) == 0  # resumed without --teacher: the recorded one
-    assert distil(registry, "--out", str(out), "--teacher", "p", "--teacher-steps", "2", steps=4) == 2
+    assert distil(registry, "--out", str(out), "--teacher", "p", "--teacher-steps", "3", steps=4) == 0  # the same
+    assert distil(registry, "--out", str(out), "--teacher", "p", "--teacher-steps", "2", steps=5) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("scdkit: error: ") and "distilled from 'p' (3 steps)" in err and "--fresh" in err
+    assert err.startswith("scdkit: error: ") and "distilled from 'p' at 3 steps" in err
+    assert "this one would be from 'p' at 2 steps" in err and "--fresh" in err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -135,7 +137,7 @@ def test_run_json_records_the_teacher_and_resuming_keeps_it(tmp_path, capsys):
     (["--init", "ckpt", "--freeze", "encoder", "--teacher", "p", "--pipeline", "fast-ddpm"],
      "ddpm does not follow a fixed (noise, clean) pair"),
     (["--init", "other", "--freeze", "encoder", "--teacher", "p"], "are not the frozen encoder's"),
-    (["--init", "ckpt", "--freeze", "encoder", "--teacher", "nope"], "nope"),
+    (["--init", "ckpt", "--freeze", "encoder", "--teacher", "nope"], "--teacher nope: not a pipeline of"),
     (["--init", "ckpt", "--freeze", "encoder", "--teacher-steps", "3"], "--teacher-steps: only with --teacher"),
 ])
 def test_distillation_refuses_what_cannot_work_in_one_line(tmp_path, capsys, args, message):

@@ -143,7 +143,7 @@ def test_validate_follows_a_run_folder_to_its_frozen_components(tmp_path, capsys
     fitted = tmp_path / "fitted.toml"
     fitted.write_text(registry.path.read_text().replace('checkpoint = "ckpt"', 'checkpoint = "ft"'))
     assert main(["validate", str(fitted)]) == 0
-    assert "trained, step 2, 3" in capsys.readouterr().out
+    assert "trained, encoder step 3, decoder step 2" in capsys.readouterr().out
     (tmp_path / "ckpt" / "encoder.safetensors").rename(tmp_path / "elsewhere.safetensors")  # the frozen file is gone
     assert main(["validate", str(fitted)]) == 2
     err = capsys.readouterr().err

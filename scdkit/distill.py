@@ -20,19 +20,24 @@ sampler (Luhman & Luhman 2021) for a one-step grid. :func:`pair_problem` checks 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from scdkit.checkpoint import weights_digest
 from scdkit.errors import UsageError
 from scdkit.interfaces import Conditioning, NoiseScheduler
+
+if TYPE_CHECKING:
+    from scdkit.pipeline import Pipeline
 
 
 @dataclass
 class Teacher:
     """A trained SCD pipeline whose samples a student decoder learns to reach in fewer steps."""
 
-    pipeline: object  # scdkit.pipeline.Pipeline, trained and in evaluation mode; never trained here
+    pipeline: Pipeline  # trained, in evaluation mode; never trained here
     steps: int | None = None  # its sampling steps (None: its scheduler's)
     name: str = "teacher"
 
@@ -60,8 +65,8 @@ class Teacher:
 
 def pair_problem(scheduler: NoiseScheduler) -> str | None:
     """Why ``scheduler`` cannot sample a distilled student, or None: given the exact prediction for a fixed pair
-    (clean x, noise e) at each step, starting from their mix at its first time, it must end at x (deterministic solvers do; ancestral ones
-    add fresh noise and do not)."""
+    (clean x, noise e) at each step, starting from their mix at its first time, it must end at x (deterministic
+    solvers do; ancestral ones add fresh noise and do not)."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     clean = torch.randn(4, 16, generator=generator, device="cpu")
     noise = torch.randn(4, 16, generator=generator, device="cpu")
@@ -79,12 +84,10 @@ def pair_problem(scheduler: NoiseScheduler) -> str | None:
     return None
 
 
-def check_student(pipeline, teacher: Teacher, frozen: dict) -> None:
+def check_student(pipeline: Pipeline, teacher: Teacher, frozen: dict) -> None:
     """A one-line UsageError unless ``pipeline`` can be distilled from ``teacher``: SCD both, the student's encoder
     frozen with the teacher's weights (the decoders see the same features), its scheduler following pairs, and the
     same prediction type and noise family for both samplers."""
-    from scdkit.checkpoint import weights_digest
-
     roles = set(pipeline.components)
     if roles != {"encoder", "decoder"} or set(teacher.pipeline.components) != roles:
         raise UsageError("--teacher: distillation trains an SCD decoder under a frozen encoder; both the pipeline and "
@@ -108,7 +111,5 @@ def check_student(pipeline, teacher: Teacher, frozen: dict) -> None:
 
 def teacher_identity(teacher: Teacher) -> dict:
     """What a run's ``run.json`` records of its teacher: resuming continues with the same one."""
-    from scdkit.checkpoint import weights_digest
-
     return {"name": teacher.name, "steps": len(teacher.times) - 1,
             "decoder_sha256": weights_digest(teacher.pipeline.components["decoder"])}

@@ -508,17 +508,11 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: VideoDataset
     if len(freeze) == len(pipeline.components):
         raise UsageError(f"--freeze {','.join(freeze)}: that freezes every component; nothing would train")
     resuming = resume and (out / STATE).exists()
+    identity = None if teacher is None else teacher_identity(teacher)  # what run.json records of it
     ranks.agree(resuming, f"whether {out} holds a training state to resume")
     if resuming:
         frozen = _frozen_on_resume(pipeline, out, init, freeze)
-        recorded, given = read_manifest(out).get("teacher"), None if teacher is None else teacher_identity(teacher)
-        if recorded != given:
-            def said(who):
-                return (f"{who['name']!r} at {who['steps']} steps (decoder sha256 {who['decoder_sha256'][:12]})" if who
-                        else "no teacher")
-            raise UsageError(f"{out}: the run was distilled from {said(recorded)}, this one would be from {said(given)}; "
-                             "resume it the same way, or pass --fresh" if recorded else
-                             f"{out}: the run was trained without a teacher; resume it without --teacher, or pass --fresh")
+        _check_same_teacher(out, read_manifest(out).get("teacher"), identity)
     else:
         if not (out / STATE).exists():  # a run folder of ours is started over only by --fresh
             _check_replaceable(out, overwrite)
@@ -563,13 +557,27 @@ def train(pipeline: Pipeline, config: TrainConfig, out: Path, data: VideoDataset
     if ranks.main:
         write_manifest(out, pipeline.name, names, {role: trainer.identity(role) | {"path": source.path}
                                                    for role, source in frozen.items()},
-                       teacher=None if teacher is None else teacher_identity(teacher))
+                       teacher=identity)
         if not resuming:
             set_aside(log)
         trim_log(log, trainer.step)
     trainer.run(log=log if ranks.main else None)
     del lock
     return trainer
+
+
+def _check_same_teacher(out: Path, recorded: dict | None, given: dict | None) -> None:
+    """A resumed run distils from the teacher it started with (``distill.teacher_identity``), or from none."""
+    if recorded == given:
+        return
+    if recorded is None:
+        raise UsageError(f"{out}: the run was trained without a teacher; resume it without --teacher, or pass --fresh")
+
+    def said(who: dict | None) -> str:
+        return f"{who['name']!r} at {who['steps']} steps (decoder sha256 {who['decoder_sha256'][:12]})" if who else "no teacher"
+
+    raise UsageError(f"{out}: the run was distilled from {said(recorded)}, this one would be from {said(given)}; "
+                     "resume it the same way, or pass --fresh")
 
 
 def _lock(out: Path):
